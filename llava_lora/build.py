@@ -1,0 +1,303 @@
+"""Compose a chat LLM and a CLIP vision encoder into a plain transformers LLaVA checkpoint.
+
+    llava-lora build --llm Qwen/Qwen1.5-4B-Chat --vision openai/clip-vit-large-patch14-336 --out MODEL_DIR
+
+MODEL_DIR loads with ``LlavaForConditionalGeneration.from_pretrained`` + ``AutoProcessor.from_pretrained``
+and no code of ours. The composed model is constructed on the ``meta`` device and its tensors are the
+loaded source tensors themselves (``assign=True``), so peak memory stays near one copy of the weights. The
+folder is written next to its destination and renamed into place only after it has been reloaded and
+checked, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import __version__, templates
+from .config import field
+from .errors import UsageError
+from .modeling import format_param_stats, format_table, param_stats, quiet_transformers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BuildConfig:
+    llm: str = field(help="chat causal LM: hub id or local folder")
+    vision: str = field(help="CLIP checkpoint (CLIPModel or CLIPVisionModel): hub id or local folder")
+    out: str = field(help="MODEL_DIR to write")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", help="dtype of the composed model; auto: the LLM's own dtype")
+    chat_template: str | None = field(None, help="Jinja chat template file, for an LLM that has none")
+    image_token: str = field("<image>", help="the image placeholder token added to the tokenizer")
+    vision_feature_layer: int = field(-2, help="vision tower layer whose features feed the projector")
+    projector_hidden_act: str = field("gelu", help="activation between the projector's two linear layers")
+    seed: int = field(0, help="seed of the projector's random initialisation")
+    overwrite: bool = field(False, help="replace OUT if it exists and is not empty")
+
+
+def _exit_if_occupied(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _load_config(src: str, flag: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {src}: cannot read a model config ({str(e).splitlines()[0]})") from None
+
+
+def _llm_config(src: str):
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cfg = _load_config(src, "--llm")
+    if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UsageError(f"--llm {src} is a '{cfg.model_type}' checkpoint, not a causal language model")
+    return cfg
+
+
+def _vision_config(src: str):
+    cfg = _load_config(src, "--vision")
+    if cfg.model_type == "clip":
+        return cfg.vision_config
+    if cfg.model_type == "clip_vision_model":
+        return cfg
+    raise UsageError(f"--vision {src} is a '{cfg.model_type}' checkpoint, not CLIP (clip or clip_vision_model)")
+
+
+def _chat_template(tokenizer, src: str, template_file: str | None) -> str:
+    if template_file:
+        path = Path(template_file)
+        if not path.is_file():
+            raise UsageError(f"--chat-template {path}: file not found")
+        return path.read_text()
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        raise UsageError(f"--llm {src} has no chat template; pass one with --chat-template FILE")
+    return template
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A content hash of a tensor's bytes: compare checkpoints without holding two copies in memory."""
+    flat = t.detach().contiguous().reshape(-1)
+    return hashlib.blake2b(flat.view(torch.uint8).numpy().data, digest_size=16).hexdigest() + str(t.dtype)
+
+
+def _source_digests(prefix: str, state: dict[str, torch.Tensor], rows: int | None = None,
+                     embedding_keys: tuple[str, ...] = ()) -> dict[str, tuple[str, int | None]]:
+    """Composed-key -> (digest, rows compared); resized embeddings are compared on their source rows."""
+    out = {}
+    for k, t in state.items():
+        if k in embedding_keys and rows is not None:
+            out[prefix + k] = (_digest(t[:rows]), rows)
+        else:
+            out[prefix + k] = (_digest(t), None)
+    return out
+
+
+def _adopt(target: torch.nn.Module, source: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make ``target`` (built on meta) use ``source``'s tensors, non-persistent buffers (rotary
+    frequencies, position ids) included, without copying them."""
+    target.load_state_dict(state, assign=True, strict=True)
+    for name, buf in source.named_buffers():
+        if name not in state:
+            module_path, _, leaf = name.rpartition(".")
+            target.get_submodule(module_path).register_buffer(leaf, buf, persistent=False)
+
+
+def _end_of_turn_ids(tokenizer, llm_generation_config) -> list[int]:
+    """The LLM's stop tokens plus the chat end-of-turn token, so generation ends at e.g. <|im_end|>."""
+    ids: list[int] = []
+    eos = getattr(llm_generation_config, "eos_token_id", None) if llm_generation_config is not None else None
+    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    for tok in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok) if tok and tok in tokenizer.get_vocab() else None
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def compose(cfg: BuildConfig, workdir: Path) -> dict:
+    """Write the composed checkpoint into ``workdir``; return what the report needs to check it."""
+    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel,
+                              GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    from tokenizers import AddedToken
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    llm_cfg = _llm_config(cfg.llm)
+    vision_cfg = _vision_config(cfg.vision)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+    template = _chat_template(tokenizer, cfg.llm, cfg.chat_template)
+    if cfg.image_token in tokenizer.get_vocab():
+        raise UsageError(f"the tokenizer of {cfg.llm} already has '{cfg.image_token}' (id "
+                         f"{tokenizer.convert_tokens_to_ids(cfg.image_token)}); pick another with --image-token")
+    src_dtype = getattr(llm_cfg, "dtype", None) or torch.float32
+    src_dtype = getattr(torch, src_dtype) if isinstance(src_dtype, str) else src_dtype
+    dtype = src_dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+
+    with quiet_transformers():  # CLIPModel's text tower is skipped on purpose: no "UNEXPECTED keys" table
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
+        vision = CLIPVisionModel.from_pretrained(cfg.vision, dtype=dtype)
+    image_processor = AutoImageProcessor.from_pretrained(cfg.vision, backend="pil")
+
+    tokenizer.add_tokens([AddedToken(cfg.image_token, special=True, normalized=False)], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+    src_rows = llm.get_input_embeddings().weight.shape[0]
+    resized = len(tokenizer) > src_rows
+    if resized:  # new rows from the mean and covariance of the old ones (transformers' mean_resizing)
+        with quiet_transformers():
+            llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+    if tokenizer.pad_token is None:  # batched generation pads; labels come from assistant masks, not pad ids
+        tokenizer.pad_token = tokenizer.eos_token
+
+    base = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.base_model
+    lm_head = llm.get_output_embeddings()
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
+    n_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2  # CLS dropped ("default" strategy)
+    config = LlavaConfig(
+        vision_config=vision_cfg.to_dict(), text_config=llm.config.to_dict(), image_token_id=image_token_id,
+        image_seq_length=n_image_tokens, vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default", projector_hidden_act=cfg.projector_hidden_act,
+        tie_word_embeddings=tied,
+    )
+    config.dtype = dtype
+
+    emb_keys = ("embed_tokens.weight",)
+    base_state, vision_state = base.state_dict(), vision.state_dict()
+    expected = {}
+    expected.update(_source_digests("model.language_model.", base_state, src_rows if resized else None, emb_keys))
+    expected.update(_source_digests("model.vision_tower.", vision_state))
+    if not tied:
+        expected.update(_source_digests("", {"lm_head.weight": lm_head.weight}, src_rows if resized else None,
+                                        ("lm_head.weight",)))
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    _adopt(model.model.language_model, base, base_state)
+    _adopt(model.model.vision_tower, vision, vision_state)
+    torch.manual_seed(cfg.seed)
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    if tied:
+        model.tie_weights()
+    else:
+        model.lm_head.load_state_dict({"weight": lm_head.weight}, assign=True, strict=True)
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise RuntimeError(f"buffer {name} was not filled from the sources")  # a bug of ours, not bad input
+    model.generation_config = GenerationConfig(
+        eos_token_id=_end_of_turn_ids(tokenizer, getattr(llm, "generation_config", None)),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None,
+        bos_token_id=getattr(getattr(llm, "generation_config", None), "bos_token_id", None),
+    )
+    stats = param_stats(model)
+    with quiet_transformers():
+        model.save_pretrained(workdir)
+
+    llava_template = templates.llava_template(template, cfg.image_token)
+    tokenizer.chat_template = llava_template
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_cfg.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=llava_template, image_token=cfg.image_token,
+    )
+    processor.save_pretrained(workdir)
+    del model, llm, vision, base, lm_head, base_state, vision_state
+    gc.collect()
+    return {
+        "expected": expected, "dtype": str(dtype).removeprefix("torch."), "src_dtype": str(src_dtype).removeprefix(
+            "torch."), "resized": resized, "src_rows": src_rows, "tied": tied, "params": stats,
+        "image_tokens": n_image_tokens, "template_family": templates.family(template),
+    }
+
+
+def verify(workdir: Path, built: dict) -> dict:
+    """Reload with plain transformers; every source tensor must come back bit for bit, and one templated
+    prompt with one image must carry as many image tokens as the tower yields features."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    with quiet_transformers():
+        model = LlavaForConditionalGeneration.from_pretrained(workdir, dtype="auto")
+    state = model.state_dict()
+    expected = built["expected"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise RuntimeError(f"reloaded model lacks {len(missing)} source tensors, e.g. {missing[:3]}")
+    bad = [k for k, (digest, rows) in expected.items()
+           if _digest(state[k] if rows is None else state[k][:rows]) != digest]
+    if bad:
+        raise RuntimeError(f"{len(bad)} tensors differ from their sources after reloading, e.g. {bad[:3]}")
+
+    processor = AutoProcessor.from_pretrained(workdir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    size = processor.image_processor.crop_size
+    inputs = processor(text=prompt, images=Image.new("RGB", (size["width"], size["height"])), return_tensors="pt")
+    n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=inputs["pixel_values"].to(model.dtype)).pooler_output
+    n_features = sum(f.shape[0] for f in feats)
+    if n_tokens != n_features or n_tokens != built["image_tokens"]:
+        raise RuntimeError(f"image tokens in the prompt ({n_tokens}) != image features ({n_features})")
+    del model, state
+    gc.collect()
+    return {"tensors_checked": len(expected), "image_tokens": n_tokens, "image_features": n_features}
+
+
+def main(cfg: BuildConfig) -> int:
+    out = Path(cfg.out)
+    _exit_if_occupied(out, cfg.overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        built = compose(cfg, work)
+        checked = verify(work, built)
+        report = {
+            "llava_lora_version": __version__, "llm": cfg.llm, "vision": cfg.vision, "dtype": built["dtype"],
+            "llm_dtype": built["src_dtype"], "tie_word_embeddings": built["tied"],
+            "embeddings_resized": built["resized"], "llm_vocab_rows": built["src_rows"],
+            "chat_template_family": built["template_family"], "image_tokens_per_image": built["image_tokens"],
+            "parameters": built["params"], "checks": checked, "seconds": round(time.time() - t0, 2),
+            "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        }
+        (work / "build_report.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(format_build_report(report, out))
+    return 0
+
+
+def format_build_report(report: dict, out: Path) -> str:
+    facts = [
+        {"": "llm", "value": report["llm"]}, {"": "vision", "value": report["vision"]},
+        {"": "dtype", "value": f"{report['dtype']} (llm on disk: {report['llm_dtype']})"},
+        {"": "tied embeddings", "value": report["tie_word_embeddings"]},
+        {"": "embeddings resized", "value": report["embeddings_resized"]},
+        {"": "chat template", "value": report["chat_template_family"]},
+        {"": "image tokens / image", "value": report["image_tokens_per_image"]},
+        {"": "tensors checked", "value": f"{report['checks']['tensors_checked']} equal to their sources"},
+    ]
+    return (f"built {out} in {report['seconds']} s\n\n{format_table(facts, ['', 'value'])}\n\n"
+            f"{format_param_stats(report['parameters'])}")

@@ -1,0 +1,1 @@
+"""LLaVA-format data: reading records, checking them, images, synthetic sets."""

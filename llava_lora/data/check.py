@@ -1,0 +1,192 @@
+"""``llava-lora data check DATA``: validate every record and image of a LLaVA data set, report the bad ones.
+
+    llava-lora data check data/cc3m --json report.json      # exit 0: all usable, 1: some are not
+
+Each record is parsed, its image resolved under the image root and fully decoded (in a process pool), and,
+with ``--model`` and ``--max-length``, its token count compared with the limit. The report lists each bad
+record's id and reason code (see ``records.py`` for the codes; ``too_long`` is added here). Training builds
+the same kind of report with ``check_records``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..config import field
+from ..errors import UsageError
+from .records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
+
+PRINT_LIMIT = 50  # bad records printed; the rest are in --json
+CHUNK = 256  # images per pool task: large enough to amortise pickling, small enough for a live progress bar
+MIN_POOL = 256  # fewer unique images than this are checked in-process (a pool costs ~0.5 s to start)
+
+
+@dataclass
+class CheckConfig:
+    data: str = field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json")
+    image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else its folder)")
+    split: str | None = field(None, help="with a folder DATA: check {split}.json instead of chat.json")
+    json: str | None = field(None, help="write the full report (every bad record) to this JSON file")
+    model: str | None = field(None, help="model folder whose tokenizer counts tokens for the too_long check")
+    max_length: int | None = field(None, help="with --model: flag records longer than this many tokens")
+    workers: int = field(0, help="processes decoding images; 0: one per CPU core, 1: no pool")
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise UsageError(f"--workers must be >= 0, got {self.workers}")
+        if self.max_length is not None and self.max_length < 1:
+            raise UsageError(f"--max-length must be >= 1, got {self.max_length}")
+        if (self.model is None) != (self.max_length is None):
+            raise UsageError("the too_long check needs both --model and --max-length")
+
+
+@dataclass
+class CheckReport:
+    """What a check found: ``bad`` holds (id, reason, detail); ``usable`` the records that passed, in order."""
+
+    total: int
+    bad: list[tuple[str, str, str]]
+    usable: list[Record]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Bad records per reason, most frequent first."""
+        return dict(Counter(reason for _, reason, _ in self.bad).most_common())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "usable": len(self.usable),
+            "bad_count": len(self.bad),
+            "counts": self.counts,
+            "bad": [{"id": i, "reason": r, "detail": d} for i, r, d in self.bad],
+        }
+
+
+def _check_images(root: str, items: Sequence[tuple[int, str]]) -> list[tuple[int, str, str]]:
+    """(index, reason, detail) for each image in ``items`` that cannot be resolved or decoded."""
+    out = []
+    for index, rel in items:
+        try:
+            open_image(resolve_image(root, rel))
+        except BadRecord as e:
+            out.append((index, e.reason, e.detail))
+    return out
+
+
+def _image_failures(images: list[str], root: Path, workers: int, progress: bool) -> dict[int, tuple[str, str]]:
+    """{index into ``images``: (reason, detail)}, decoding in ``workers`` processes."""
+    from tqdm import tqdm
+
+    items = list(enumerate(images))
+    workers = workers or os.cpu_count() or 1
+    found: dict[int, tuple[str, str]] = {}
+    bar = tqdm(total=len(items), unit="img", desc="images", disable=not progress or None, file=sys.stderr)
+    with bar:
+        if workers == 1 or len(items) < MIN_POOL:
+            for start in range(0, len(items), CHUNK):
+                chunk = items[start:start + CHUNK]
+                found.update({i: (r, d) for i, r, d in _check_images(str(root), chunk)})
+                bar.update(len(chunk))
+            return found
+        # spawn, not fork: the caller may hold threads (tqdm, torch) that fork would copy half-locked.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_check_images, str(root), items[s:s + CHUNK]): min(CHUNK, len(items) - s)
+                       for s in range(0, len(items), CHUNK)}
+            for fut in as_completed(futures):
+                found.update({i: (r, d) for i, r, d in fut.result()})
+                bar.update(futures[fut])
+    return found
+
+
+def check_records(records: Sequence[Record], root: str | Path, *, workers: int = 0,
+                  length_fn: Callable[[Record], int] | None = None, max_length: int | None = None,
+                  progress: bool = True) -> CheckReport:
+    """Check parsed records: each image resolves under ``root`` and decodes; with ``length_fn`` and
+    ``max_length``, each record's token count (image tokens included) fits (reason ``too_long``).
+
+    Each distinct image path is decoded once, however many records share it (LLaVA-Instruct repeats them).
+    """
+    root = Path(root)
+    images = sorted({r.image for r in records if r.image is not None})
+    failures = _image_failures(images, root, workers, progress)
+    failed = {images[i]: why for i, why in failures.items()}
+
+    bad: list[tuple[str, str, str]] = []
+    usable: list[Record] = []
+    for rec in _maybe_progress(records, progress and length_fn is not None, "lengths"):
+        why = failed.get(rec.image) if rec.image is not None else None
+        if why is None and length_fn is not None and max_length is not None:
+            n = length_fn(rec)
+            if n > max_length:
+                why = ("too_long", f"{n} tokens > max_length {max_length}")
+        if why is None:
+            usable.append(rec)
+        else:
+            bad.append((rec.id, why[0], why[1]))
+    return CheckReport(total=len(records), bad=bad, usable=usable)
+
+
+def _maybe_progress(records: Sequence[Record], show: bool, desc: str) -> Iterable[Record]:
+    if not show:
+        return records
+    from tqdm import tqdm
+
+    return tqdm(records, unit="rec", desc=desc, file=sys.stderr, disable=None)
+
+
+def check_file(file: str | Path, root: str | Path, **kwargs: Any) -> CheckReport:
+    """``load_records`` + ``check_records``: parse errors come first in ``bad``, then image/length ones."""
+    good, parse_bad = load_records(file)
+    report = check_records(good, root, **kwargs)
+    return CheckReport(total=len(good) + len(parse_bad), bad=parse_bad + report.bad, usable=report.usable)
+
+
+def print_report(report: CheckReport, file: Path, root: Path, out: TextIO = sys.stdout,
+                 limit: int = PRINT_LIMIT) -> None:
+    """Summary by reason, then one line per bad record (at most ``limit``)."""
+    print(f"{file}: {report.total:,} records, {len(report.usable):,} usable, {len(report.bad):,} not "
+          f"(images under {root})", file=out)
+    if not report.bad:
+        return
+    width = max(len(r) for r in report.counts)
+    for reason, n in report.counts.items():
+        print(f"  {reason:<{width}}  {n:,}", file=out)
+    print("bad records:", file=out)
+    for rid, reason, detail in report.bad[:limit]:
+        print(f"  {rid}  {reason}  {detail}", file=out)
+    if len(report.bad) > limit:
+        print(f"  … and {len(report.bad) - limit:,} more (see --json)", file=out)
+
+
+def _length_fn(cfg: CheckConfig) -> Callable[[Record], int] | None:
+    if cfg.model is None:
+        return None
+    try:
+        from llava_lora.prompts import record_length_fn
+    except ImportError as e:
+        raise UsageError(f"--model needs llava_lora.prompts.record_length_fn, which failed to import: {e}") from None
+    return record_length_fn(cfg.model)
+
+
+def main(cfg: CheckConfig) -> int:
+    file, root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
+    length_fn = _length_fn(cfg)
+    report = check_file(file, root, workers=cfg.workers, length_fn=length_fn, max_length=cfg.max_length)
+    if report.total == 0:
+        raise UsageError(f"{file}: holds no records")
+    print_report(report, file, root)
+    if cfg.json:
+        payload = {"data": str(file), "image_root": str(root), **report.to_dict()}
+        Path(cfg.json).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+        print(f"report written to {cfg.json}")
+    return 0 if not report.bad else 1

@@ -1,0 +1,411 @@
+"""LLaVA-format records: parsed once, compact in memory, images decoded lazily.
+
+A record on disk: ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``
+("role" is accepted for "from", "user"/"assistant" for the speakers, "content" for "value"). ``<image>``
+stands at the start or the end of the first human turn.
+
+    records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [(id, reason, detail), ...]
+    img = open_image(resolve_image(root, records[0].image))      # RGB, fully decoded, or BadRecord
+
+Record reasons (``BadRecord.reason``): not_an_object, missing_id, bad_image_field, multiple_images,
+no_conversations, bad_turn, unknown_speaker, non_string_text, turns_out_of_order, no_assistant_answer,
+image_token_mismatch. Image reasons: image_path_escapes_root, missing_image, empty_image, not_an_image,
+truncated_image, image_too_large, unsupported_image_mode, unreadable_image.
+
+"system" turns are reported as ``unknown_speaker``: a Record has no slot for a system prompt, and dropping
+one silently would train on a different conversation than the data describes (LLaVA data has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# Decoded-pixel limit: a 50 MP image is ~150 MB as RGB; anything larger is a mistake or a decompression bomb.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: str  # "user" | "assistant"
+    text: str  # with the <image> placeholder removed (and the whitespace next to it)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: str
+    image: str | None  # image path relative to the image root, as written in the data; None: text-only
+    turns: tuple[Turn, ...]  # alternating, starting with "user", ending with "assistant"
+    image_first: bool = True  # True: <image> stood before the first user text; False: after it
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; ``reason`` is a short stable code, ``detail`` says what was found."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+RECORD_REASONS = (
+    "not_an_object", "missing_id", "bad_image_field", "multiple_images", "no_conversations", "bad_turn",
+    "unknown_speaker", "non_string_text", "turns_out_of_order", "no_assistant_answer", "image_token_mismatch",
+)
+IMAGE_REASONS = (
+    "image_path_escapes_root", "missing_image", "empty_image", "not_an_image", "truncated_image",
+    "image_too_large", "unsupported_image_mode", "unreadable_image",
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the data is
+# ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_FILE = "chat.json"
+IMAGE_DIR_NAMES = ("images_dl", "images")  # CC3M-595K unpacks into images_dl/; many sets use images/
+
+
+def resolve_data(data: str | Path, split: str | None = None, image_dir: str | Path | None = None
+                 ) -> tuple[Path, Path]:
+    """(records file, image root) for DATA: a .json/.jsonl file, or a folder holding ``chat.json``.
+
+    With a folder, ``split`` other than "train" picks ``{split}.json`` (or ``.jsonl``) in it. The image root is
+    ``image_dir`` if given, else the data folder's ``images_dl/``, else ``images/``, else the folder itself.
+    """
+    p = Path(data)
+    if p.is_dir():
+        folder = p
+        if split in (None, "", "train"):
+            names = [DEFAULT_FILE, "chat.jsonl", "train.json", "train.jsonl"]
+        else:
+            names = [f"{split}.json", f"{split}.jsonl"]
+        found = [folder / n for n in names if (folder / n).is_file()]
+        if not found:
+            raise UsageError(f"{folder}: no {' or '.join(names[:2])} in this folder")
+        file = found[0]
+    elif p.is_file():
+        if split not in (None, "", "train"):
+            raise UsageError(f"--split {split} needs DATA to be a folder holding {split}.json, got the file {p}")
+        file, folder = p, p.parent
+    else:
+        raise UsageError(f"data not found: {p}")
+
+    if image_dir is not None:
+        root = Path(image_dir)
+        if not root.is_dir():
+            raise UsageError(f"image folder not found: {root}")
+    else:
+        root = next((folder / n for n in IMAGE_DIR_NAMES if (folder / n).is_dir()), folder)
+    return file, root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading JSON / JSONL
+# ---------------------------------------------------------------------------------------------------------
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_error(path: Path, e: json.JSONDecodeError, line: int | None = None) -> UsageError:
+    where = f"line {line} column {e.colno}" if line is not None else f"line {e.lineno} column {e.colno}"
+    return UsageError(f"{path}: not valid JSON at {where}: {e.msg}")
+
+
+def _is_array(path: Path) -> bool:
+    """True for a JSON array file, False for JSON lines (decided by the first non-blank character)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not head:
+        raise UsageError(f"{path}: empty file, expected a JSON array of records or JSON lines")
+    if head[:1] == b"[":
+        return True
+    if head[:1] == b"{":
+        return False
+    raise UsageError(f"{path}: expected a JSON array of records or one JSON object per line, "
+                     f"found {head[:1].decode('latin-1')!r} at the start")
+
+
+def _iter_array(path: Path) -> Iterator[Any]:
+    """Yield the elements of a top-level JSON array one by one.
+
+    Decoding element by element (instead of ``json.load``) lets the caller turn each into a compact Record
+    and drop the dicts at once: a 595K-record chat.json never exists as one list of dicts in memory.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    decoder = json.JSONDecoder()
+    try:
+        i = _WS.match(text).end() + 1  # past "["
+        i = _WS.match(text, i).end()
+        if text.startswith("]", i):
+            i += 1
+        else:
+            while True:
+                obj, i = decoder.raw_decode(text, i)
+                yield obj
+                i = _WS.match(text, i).end()
+                if text.startswith(",", i):
+                    i = _WS.match(text, i + 1).end()
+                elif text.startswith("]", i):
+                    i += 1
+                    break
+                else:
+                    raise json.JSONDecodeError("Expecting ',' delimiter or ']'", text, i)
+        i = _WS.match(text, i).end()
+        if i != len(text):
+            raise json.JSONDecodeError("Extra data after the array", text, i)
+    except json.JSONDecodeError as e:
+        raise _json_error(path, e) from None
+
+
+def _iter_lines(path: Path) -> Iterator[Any]:
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        err = _json_error(path, e, line=n)
+                        if n == 1 and path.suffix != ".jsonl":
+                            err = UsageError(f"{err} (expected a JSON array of records, or one object per line)")
+                        raise err from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text (bad byte near line {n + 1})") from None
+
+
+def iter_raw(path: str | Path) -> Iterator[Any]:
+    """The raw records of a JSON array file or a JSONL file, one at a time; malformed JSON -> UsageError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"data file not found: {p}")
+    return _iter_array(p) if _is_array(p) else _iter_lines(p)
+
+
+def read_raw(path: str | Path) -> list:
+    """All raw records of a JSON array file or a JSONL file (see ``iter_raw``)."""
+    return list(iter_raw(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One record
+# ---------------------------------------------------------------------------------------------------------
+
+_SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def record_id(raw: Any, index: int) -> str:
+    """The record's id as a string, or ``#index`` when it has none (for reports)."""
+    if isinstance(raw, dict):
+        rid = raw.get("id")
+        if isinstance(rid, str) and rid:
+            return rid
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            return str(rid)
+    return f"#{index}"
+
+
+def _image_field(raw: dict) -> str | None:
+    image = raw.get("image")
+    if image is None:
+        return None
+    if isinstance(image, list):
+        if len(image) > 1:
+            raise BadRecord("multiple_images", f"{len(image)} images; one per record is supported")
+        if not image:
+            raise BadRecord("bad_image_field", "empty list")
+        image = image[0]
+    if not isinstance(image, str) or not image.strip():
+        raise BadRecord("bad_image_field", f"expected a path string, got {_show(image)}")
+    return image
+
+
+def _raw_turns(raw: dict) -> list[tuple[str, str]]:
+    """[(role, text)] with the speakers normalised; checks each turn on its own."""
+    conv = raw.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise BadRecord("no_conversations", "missing" if conv is None else f"got {_show(conv)}")
+    turns = []
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise BadRecord("bad_turn", f"turn {k} is {_show(turn)}, expected an object")
+        speaker = turn.get("from", turn.get("role"))
+        role = _SPEAKERS.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise BadRecord("unknown_speaker", f"turn {k}: {_show(speaker)}")
+        text = turn.get("value", turn.get("content"))
+        if not isinstance(text, str):
+            raise BadRecord("non_string_text", f"turn {k}: {'missing' if text is None else _show(text)}")
+        turns.append((role, text))
+    return turns
+
+
+def _check_order(turns: list[tuple[str, str]]) -> None:
+    for k, (role, _) in enumerate(turns):
+        want = "user" if k % 2 == 0 else "assistant"
+        if role != want:
+            raise BadRecord("turns_out_of_order", f"turn {k} is {role}, expected {want}")
+    if len(turns) % 2:
+        detail = "no assistant turn" if len(turns) == 1 else f"the last user turn ({len(turns) - 1}) has no answer"
+        raise BadRecord("no_assistant_answer", detail)
+    for k in range(1, len(turns), 2):
+        if not turns[k][1].strip():
+            raise BadRecord("no_assistant_answer", f"turn {k} is empty")
+
+
+def _strip_placeholder(turns: list[tuple[str, str]], has_image: bool) -> tuple[str, bool]:
+    """(first user text without <image>, image_first); checks the placeholder count and place."""
+    counts = [text.count(IMAGE_PLACEHOLDER) for _, text in turns]
+    total = sum(counts)
+    first = turns[0][1]
+    if not has_image:
+        if total:
+            raise BadRecord("image_token_mismatch", f"{total} <image> in a record without an image")
+        return first, True
+    if total != 1 or counts[0] != 1:
+        where = "" if total != 1 else f" (in turn {counts.index(1)}, expected the first user turn)"
+        raise BadRecord("image_token_mismatch", f"{total} <image> for 1 image{where}")
+    if first.lstrip().startswith(IMAGE_PLACEHOLDER):
+        return first.lstrip()[len(IMAGE_PLACEHOLDER):].lstrip(), True
+    if first.rstrip().endswith(IMAGE_PLACEHOLDER):
+        return first.rstrip()[: -len(IMAGE_PLACEHOLDER)].rstrip(), False
+    raise BadRecord("image_token_mismatch", "<image> in the middle of the first user turn; expected start or end")
+
+
+def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Record:
+    """One raw record -> Record, or ``BadRecord(reason, detail)`` (reasons in the module docstring).
+
+    ``_turn_cache`` shares equal Turn objects between records (CC3M has ~11 distinct questions).
+    """
+    if not isinstance(raw, dict):
+        raise BadRecord("not_an_object", f"got {_show(raw)}")
+    rid = record_id(raw, index)
+    if rid.startswith("#"):
+        raise BadRecord("missing_id", "no id" if raw.get("id") is None else f"id is {_show(raw.get('id'))}")
+    image = _image_field(raw)
+    turns = _raw_turns(raw)
+    _check_order(turns)
+    first_text, image_first = _strip_placeholder(turns, image is not None)
+    texts = [first_text] + [text for _, text in turns[1:]]
+    out = []
+    for (role, _), text in zip(turns, texts):
+        if _turn_cache is None:
+            out.append(Turn(role, text))
+        else:
+            out.append(_turn_cache.setdefault((role, text), Turn(role, text)) if role == "user"
+                       else Turn(role, text))
+    return Record(rid, image, tuple(out), image_first)
+
+
+def load_records(path: str | Path) -> tuple[list[Record], list[tuple[str, str, str]]]:
+    """(good records, [(id, reason, detail)] for the bad ones) of a JSON or JSONL file."""
+    good: list[Record] = []
+    bad: list[tuple[str, str, str]] = []
+    cache: dict = {}
+    for index, raw in enumerate(iter_raw(path)):
+        try:
+            good.append(parse_record(raw, index, cache))
+        except BadRecord as e:
+            bad.append((record_id(raw, index), e.reason, e.detail))
+    return good, bad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_image(root: str | Path, rel: str) -> Path:
+    """The image file ``rel`` under ``root``; BadRecord if it escapes the root (symlinks resolved) or is missing."""
+    if os.path.isabs(rel):
+        raise BadRecord("image_path_escapes_root", f"{rel} is an absolute path")
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, rel))
+    if not (path.startswith(real_root + os.sep) or path == real_root):
+        raise BadRecord("image_path_escapes_root", f"{rel} resolves outside {root}")
+    if not os.path.isfile(path):
+        raise BadRecord("missing_image", f"{rel} not found under {root}")
+    return Path(path)
+
+
+def _to_rgb(img: Any) -> Any:
+    """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled down, palette transparency honoured."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        # convert("RGB") clips 16-bit values at 255 (a white image); scale 0..65535 down to 0..255 instead.
+        img = img.convert("I")
+        lo, hi = img.getextrema()
+        if mode.startswith("I;16") or hi > 255:
+            img = img.point(lambda v: v * (1 / 256))
+        return img.convert("L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """Open, fully decode and convert to RGB; BadRecord with an image reason if that is not possible."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadRecord("empty_image", f"{path.name} is 0 bytes")
+    except FileNotFoundError:
+        raise BadRecord("missing_image", f"{path} not found") from None
+    # Truncated files must fail here, not turn into half-grey training images.
+    old_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadRecord("unreadable_image", f"{path.name}: {e.strerror}") from None
+    try:
+        # (catch_warnings is process-wide: image checks run in processes, not threads, for this reason too)
+        with f, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(f)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadRecord("image_too_large", f"{w}x{h} is over {max_pixels:,} pixels")
+            img.load()
+        try:
+            return _to_rgb(img)
+        except ValueError as e:
+            raise BadRecord("unsupported_image_mode", f"{img.mode}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadRecord("image_too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise BadRecord("not_an_image", f"{path.name}: not a format PIL can read") from None
+    except BadRecord:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        # PIL raises all of these for damaged files (SyntaxError: broken PNG chunks; OSError: truncated data).
+        raise BadRecord("truncated_image", f"{path.name}: {type(e).__name__}: {e}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
