@@ -1,0 +1,138 @@
+"""Training samples: a record becomes token ids, labels and pixels in a DataLoader worker.
+
+A record that turns out bad here (image unreadable, answer empty after tokenisation, too long) becomes a
+*skip* that travels with the batch to the training loop, which reports it; the run goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import prompts
+from .records import BadRecord, Record, open_image, resolve_image
+
+
+@dataclass(frozen=True)
+class Skip:
+    id: str
+    reason: str
+    detail: str
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """``records[i]`` -> dict(input_ids, labels, pixel_values | None), or a ``Skip``."""
+
+    def __init__(self, records: list[Record], image_root: Path, processor, image_token_id: int,
+                 image_tokens: int, max_length: int | None):
+        self.records = records
+        self.image_root = Path(image_root)
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.image_token_id = image_token_id
+        self.image_tokens = image_tokens
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict | Skip:
+        rec = self.records[i]
+        try:
+            enc = prompts.encode(self.tokenizer, rec, self.image_token_id, self.image_tokens, self.max_length)
+            pixels = None
+            if rec.image is not None:
+                image = open_image(resolve_image(self.image_root, rec.image))
+                pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+        except BadRecord as e:
+            return Skip(rec.id, e.reason, e.detail)
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of samples into one batch; skips travel alongside.
+
+    Example (batch of 2: one image record of 5 text tokens + 16 image tokens, one text-only record of 7)::
+
+        input_ids      [2, 21] int64   pad_token_id after each sample's end
+        attention_mask [2, 21] int64   1 on real tokens
+        labels         [2, 21] int64   answer tokens and their end-of-turn; -100 elsewhere (pads included)
+        pixel_values   [1, 3, 336, 336] one image per record that has one, in batch order (None if none)
+        skipped        [Skip("GCC_train_1", "truncated_image", "...")]
+    """
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict | Skip]) -> dict:
+        samples = [x for x in items if not isinstance(x, Skip)]
+        skipped = [x for x in items if isinstance(x, Skip)]
+        if not samples:
+            return {"input_ids": None, "skipped": skipped, "n_samples": 0}
+        width = max(len(s["input_ids"]) for s in samples)
+        ids = np.full((len(samples), width), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(samples), width), prompts.IGNORE_INDEX, dtype=np.int64)
+        mask = np.zeros((len(samples), width), dtype=np.int64)
+        for row, s in enumerate(samples):
+            n = len(s["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = s["input_ids"], s["labels"], 1
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        return {
+            "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(mask),
+            "pixel_values": torch.stack(pixels) if pixels else None,
+            "skipped": skipped, "n_samples": len(samples),
+        }
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Index batches for one process, from micro-step ``start`` on, forever (a new permutation per epoch).
+
+    The global order is fixed by the seed alone; micro-step k takes positions [k*B*W, (k+1)*B*W) of it and
+    rank r the r-th slice of B, so a resumed run sees exactly the batches the interrupted one would have.
+    With ``lengths``, each chunk of 50 global batches is sorted by length before being cut into batches
+    (less padding), and the batches of a chunk are shuffled again.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1,
+                 lengths: list[int] | None = None):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world = rank, world
+        self.lengths = np.asarray(lengths) if lengths is not None else None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        g = np.random.default_rng([self.seed, epoch])
+        order = g.permutation(self.n)
+        if self.lengths is None:
+            return order
+        group = self.batch_size * self.world
+        chunk = group * 50
+        out = []
+        for c in range(0, len(order), chunk):
+            part = order[c:c + chunk]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches = [part[b:b + group] for b in range(0, len(part), group)]
+            out.extend(batches[j] for j in g.permutation(len(batches)))
+        return np.concatenate(out)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        group = self.batch_size * self.world
+        per_epoch = self.n // group  # a ragged tail would give ranks unequal batches: dropped
+        if per_epoch == 0:
+            raise ValueError(f"{self.n} records are fewer than one global batch of {group}")
+        step = self.start
+        while True:
+            epoch, k = divmod(step, per_epoch)
+            order = self._epoch_order(epoch)
+            while k < per_epoch:
+                lo = k * group + self.rank * self.batch_size
+                yield order[lo:lo + self.batch_size].tolist()
+                k += 1
+                step += 1
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world)

@@ -1,0 +1,60 @@
+"""Answer prompts about images with a loaded model: batched, left-padded, KV-cached generation."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .config import field
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = field(64, help="most tokens to generate per answer")
+    temperature: float = field(0.0, help="sampling temperature; 0 means greedy decoding")
+    top_p: float = field(1.0, help="nucleus sampling: keep the smallest token set with this probability mass")
+    top_k: int = field(0, help="sample among the k most likely tokens (0: no limit)")
+    num_beams: int = field(1, help="beam search width (1: no beam search)")
+    repetition_penalty: float = field(1.0, help="penalty > 1 discourages repeating tokens")
+
+    def generate_kwargs(self) -> dict:
+        sample = self.temperature > 0
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": sample, "num_beams": self.num_beams,
+              "repetition_penalty": self.repetition_penalty}
+        if sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:  # greedy: neutralise sampling defaults a checkpoint's generation_config may carry
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+def settings_from(cfg) -> GenerationSettings:
+    """The generation settings held by a stage config that has the same field names."""
+    return GenerationSettings(**{k: getattr(cfg, k) for k in GenerationSettings.__dataclass_fields__})
+
+
+def adapter_switch(model, enabled: bool):
+    """Context in which a peft model answers with (``enabled``) or without its adapter."""
+    if enabled or not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
+
+
+@torch.inference_mode()
+def answer(model, processor, prompts: list[str], images: list[Image.Image | None],
+           settings: GenerationSettings, adapter: bool = True) -> list[str]:
+    """One answer per (templated prompt, image or None), generated as one left-padded batch."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
+    with_images = [im for im in images if im is not None]
+    inputs = processor(text=prompts, images=with_images or None, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with adapter_switch(model, adapter):
+        out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

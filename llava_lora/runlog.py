@@ -1,0 +1,94 @@
+"""What a training run writes beside its adapter: metrics as JSON lines, TensorBoard events, a loss-curve
+PNG, and the data report (every skipped record with its reason)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+DATA_REPORT = "data_report.json"
+LOSS_CURVE = "loss_curve.png"
+
+
+class RunLog:
+    """Appends metrics (main process only) and skipped records (every process, one file each)."""
+
+    def __init__(self, run_dir: Path, rank: int, main: bool, tensorboard: bool = True):
+        self.run_dir, self.main = run_dir, main
+        self.skips_path = run_dir / f"skipped.rank{rank}.jsonl"
+        self._tb = None
+        if main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def metrics(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+            self._tb.flush()
+
+    def skipped(self, skips: list, step: int) -> None:
+        if not skips:
+            return
+        with open(self.skips_path, "a") as f:
+            for s in skips:
+                f.write(json.dumps({"id": s.id, "reason": s.reason, "detail": s.detail, "step": step}) + "\n")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def write_data_report(run_dir: Path, total: int, parse_errors: list[tuple[str, str, str]]) -> dict:
+    """Merge parse-time rejects and every process's training-time skips (once per id) into one report."""
+    entries = {}
+    for rid, reason, detail in parse_errors:
+        entries[rid] = {"id": rid, "reason": reason, "detail": detail, "when": "loading"}
+    for path in sorted(run_dir.glob("skipped.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            entries.setdefault(row["id"], {"id": row["id"], "reason": row["reason"], "detail": row["detail"],
+                                           "when": f"step {row['step']}"})
+    report = {"records": total, "skipped": len(entries),
+              "by_reason": dict(Counter(e["reason"] for e in entries.values()).most_common()),
+              "samples": list(entries.values())}
+    (run_dir / DATA_REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """loss_curve.png from metrics.jsonl (loss and learning rate against the step)."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [r["loss"] for r in rows], label="training loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over answer tokens)")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    out = run_dir / LOSS_CURVE
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,375 @@
+"""LoRA fine-tuning of a composed LLaVA model on LLaVA-format data.
+
+    llava-lora train --model MODEL_DIR --data DATA --out RUN_DIR [--config recipe.yaml] [--resume]
+    torchrun --nproc_per_node 2 -m llava_lora train ...      # DDP (gloo on CPU, NCCL on GPUs)
+    accelerate launch --config_file fsdp.yaml -m llava_lora train ...
+
+LoRA sits on the language model's attention (q_proj/v_proj by default), the projector is trained in full,
+the vision tower is frozen and run without autograd. The loss is computed from the hidden states of the
+supervised positions only: the lm_head never produces logits for the ~600 image and prompt positions of a
+CC3M sample that carry no label.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from . import config as cfglib
+from .adapters import apply_lora, save_adapter, wrapped_modules
+from .config import field
+from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
+from .data.records import load_records, resolve_data
+from .errors import UsageError
+from .modeling import format_param_stats, param_stats, quiet_transformers
+from .prompts import IGNORE_INDEX
+from .runlog import RunLog, plot_loss, write_data_report
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "training_state.pt"
+# Keys that define a run: resuming with another value would continue a different experiment.
+RUN_IDENTITY = ("model", "data", "split", "lora_r", "lora_alpha", "lora_target", "train_projector", "batch_size",
+                "gradient_accumulation_steps", "seed", "max_length")
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(help="MODEL_DIR written by `llava-lora build`")
+    data: str = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json")
+    out: str = field(help="RUN_DIR: adapter, checkpoints, logs")
+    image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else DATA)")
+    split: str | None = field(None, help="data split file in a DATA folder (default: chat.json)")
+    resume: bool = field(False, help="continue from the newest complete checkpoint in RUN_DIR")
+    overwrite: bool = field(False, help="delete RUN_DIR's previous run and start over")
+    lora_r: int = field(4, help="LoRA rank")
+    lora_alpha: int = field(8, help="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = field(0.05, help="dropout on the LoRA input")
+    lora_target: list[str] = field(["q_proj", "v_proj"], help="language-model module names that get LoRA")
+    train_projector: bool = field(True, help="train the multi-modal projector in full (saved with the adapter)")
+    learning_rate: float = field(1e-3, help="peak learning rate of the LoRA matrices")
+    projector_learning_rate: float | None = field(None, help="peak learning rate of the projector (default: "
+                                                             "learning_rate)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field("cosine", help="decay after warm-up")
+    warmup_ratio: float = field(0.03, help="share of max_steps spent warming the learning rate up")
+    max_steps: int = field(800, help="optimizer steps")
+    batch_size: int = field(6, help="samples per micro-batch per process")
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
+    max_grad_norm: float = field(0.3, help="gradient clipping norm")
+    gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", help="auto: bf16 where the GPU supports it, else fp32")
+    max_length: int = field(2048, help="most tokens per sample; longer samples are cut in their text, never in "
+                                       "image tokens, or skipped")
+    group_by_length: bool = field(True, help="batch samples of similar length together (less padding)")
+    save_every: int = field(200, help="write checkpoint-N/ every this many steps")
+    log_every: int = field(10, help="log metrics every this many steps")
+    seed: int = field(42, help="seed of the data order, LoRA init and dropout")
+    num_workers: int = field(2, help="DataLoader worker processes (image decoding, tokenisation)")
+    device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
+    tensorboard: bool = field(True, help="write TensorBoard event files to RUN_DIR/tensorboard")
+
+    def __post_init__(self):
+        checks = [
+            (self.lora_r > 0, "lora_r must be positive"), (self.batch_size > 0, "batch_size must be positive"),
+            (self.max_steps > 0, "max_steps must be positive"), (self.learning_rate > 0, "learning_rate must be > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
+            (self.save_every > 0 and self.log_every > 0, "save_every and log_every must be positive"),
+            (self.max_length > 0, "max_length must be positive"), (self.num_workers >= 0, "num_workers >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+
+
+class LlavaLoss(torch.nn.Module):
+    """``forward(batch) -> (summed token cross-entropy, supervised token count)`` of a peft-wrapped LLaVA.
+
+    The same computation as ``LlavaForConditionalGeneration(labels=...)``, rearranged: the frozen vision
+    tower runs under ``no_grad``, and the lm_head and the loss see only the positions whose next token is
+    supervised. One module, so DDP/FSDP wrap the whole step.
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+        llava = peft_model.get_base_model()
+        layer = llava.config.vision_feature_layer
+        if not isinstance(layer, int) or llava.config.vision_feature_select_strategy != "default":
+            raise UsageError("training supports one vision feature layer with the 'default' strategy")
+        self.feature_layer = layer
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None):
+        llava = self.peft_model.get_base_model()
+        embeds = llava.model.get_input_embeddings()(input_ids)  # [B, T, D]
+        if pixel_values is not None:
+            tower = llava.model.vision_tower
+            with torch.no_grad():
+                hidden = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
+                feats = hidden[self.feature_layer][:, 1:]  # [N, P, Dv], CLS dropped
+            feats = llava.model.multi_modal_projector(feats)  # [N, P, D]
+            image_mask = (input_ids == llava.config.image_token_id).unsqueeze(-1)  # [B, T, 1]
+            embeds = embeds.masked_scatter(image_mask, feats.to(embeds.dtype))
+        hidden = llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            use_cache=False).last_hidden_state  # [B, T, D]
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        supervised = targets != IGNORE_INDEX  # [B, T-1]
+        logits = llava.lm_head(hidden[:, :-1][supervised]).float()  # [N_sup, V]
+        return F.cross_entropy(logits, targets[supervised], reduction="sum"), supervised.sum()
+
+
+# --------------------------------------------------------------------------------------------------------
+# RUN_DIR bookkeeping
+# --------------------------------------------------------------------------------------------------------
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (their state file is written last, then the folder renamed into place)."""
+    out = []
+    for p in run_dir.glob("checkpoint-*"):
+        step = p.name.removeprefix("checkpoint-")
+        if step.isdigit() and (p / STATE_FILE).is_file():
+            out.append((int(step), p))
+    return sorted(out)
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path | None:
+    """Check RUN_DIR against --resume/--overwrite; return the checkpoint to resume from, if any."""
+    saved = run_dir / CONFIG_FILE
+    occupied = run_dir.is_dir() and any(p.name != "tensorboard" for p in run_dir.iterdir())
+    if occupied and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"--out {run_dir} already holds a run (pass --resume to continue it, or --overwrite to "
+                         "start over)")
+    if cfg.overwrite and occupied:
+        if is_main:
+            shutil.rmtree(run_dir)
+        return None
+    if cfg.resume and saved.is_file():
+        previous = cfglib.load_yaml(saved)
+        changed = [k for k in RUN_IDENTITY if str(previous.get(k)) != str(getattr(cfg, k))]
+        if changed:
+            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            raise UsageError(f"--resume: {run_dir} holds a different run ({diffs}); use another --out or "
+                             "--overwrite")
+    found = checkpoints(run_dir) if cfg.resume else []
+    return found[-1][1] if found else None
+
+
+def _save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str) -> Path:
+    """checkpoint-N/: adapter + optimizer, scheduler and RNG state, renamed into place when complete."""
+    final = run_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=run_dir))
+    try:
+        save_adapter(peft_model, tmp, model_dir, {"step": step})
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = checkpoints(run_dir)
+        keep = f"; the last complete checkpoint is {done[-1][1]}" if done else ""
+        raise UsageError(f"cannot write checkpoint-{step} in {run_dir}: {e.strerror or e}{keep}") from None
+    return final
+
+
+def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(ckpt / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(peft_model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise UsageError(f"{ckpt}: adapter keys do not fit the model, e.g. {result.unexpected_keys[:2]}")
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------
+
+def _precision(cfg: TrainConfig, device: str) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _estimated_lengths(records, image_tokens: int) -> list[int]:
+    """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
+    return [(image_tokens if r.image else 0) + sum(len(t.text) for t in r.turns) * 2 // 7 for r in records]
+
+
+def _load_model(cfg: TrainConfig, device: str, precision: str):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model_dir = Path(cfg.model)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: not a MODEL_DIR (no config.json); make one with `llava-lora build`")
+    # Frozen weights in half precision where the run is in half precision; fp32 elsewhere.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if device == "cpu":
+        dtype = torch.float32  # CPU autocast handles bf16 compute; fp32 weights keep the CPU kernels fast
+    with quiet_transformers():
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def main(cfg: TrainConfig) -> int:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    run_dir = Path(cfg.out)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = _precision(cfg, device)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    resume_from = _prepare_run_dir(cfg, run_dir, is_main)
+    accelerator.wait_for_everyone()
+    data_file, image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
+    records, parse_errors = load_records(data_file)
+    if len(records) < cfg.batch_size * world:
+        raise UsageError(f"{data_file}: {len(records)} usable records, fewer than one batch of "
+                         f"{cfg.batch_size * world}")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfglib.save(cfg, run_dir / CONFIG_FILE)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, processor = _load_model(cfg, device, precision)
+    if cfg.gradient_checkpointing:
+        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+                            cfg.train_projector)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
+    image_tokens = int(model.config.image_seq_length)
+    dataset = TrainDataset(records, image_root, processor, model.config.image_token_id, image_tokens,
+                           cfg.max_length)
+    lora_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+    proj_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
+    groups = [{"params": lora_params, "lr": cfg.learning_rate}]
+    if proj_params:
+        groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+                              num_training_steps=cfg.max_steps)
+    start_step = _load_checkpoint(resume_from, peft_model, optimizer, scheduler) if resume_from else 0
+    loss_module, optimizer = accelerator.prepare(LlavaLoss(peft_model), optimizer)
+
+    accum = cfg.gradient_accumulation_steps
+    sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, start=start_step * accum, rank=rank,
+                                    world=world,
+                                    lengths=_estimated_lengths(records, image_tokens) if cfg.group_by_length else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
+        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=device == "cuda")
+    log = RunLog(run_dir, rank, is_main, cfg.tensorboard)
+    if is_main:
+        print(f"training {cfg.model} on {data_file} ({len(records)} records, {len(parse_errors)} rejected) "
+              f"-> {run_dir}")
+        print(f"device {device} x{world}, precision {precision}, LoRA r={cfg.lora_r} on "
+              f"{len(wrapped_modules(peft_model))} modules; "
+              + (f"resuming from {resume_from.name}" if resume_from else "starting fresh"))
+        print(format_param_stats(param_stats(peft_model)))
+
+    batches = iter(loader)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+    window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
+    last_saved = start_step
+    loss_module.train()
+    try:
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            micro = [next(batches) for _ in range(accum)]
+            for mb in micro:
+                log.skipped(mb["skipped"], step)
+            supervised = torch.tensor(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
+                                          for mb in micro if mb["input_ids"] is not None), device=accelerator.device)
+            global_supervised = accelerator.reduce(supervised, reduction="sum").clamp(min=1)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for j, mb in enumerate(micro):
+                if mb["input_ids"] is None:
+                    continue  # every record of this micro-batch was skipped (and reported)
+                sync = accelerator.no_sync(loss_module) if j < accum - 1 else _nullcontext()
+                with sync, accelerator.autocast():
+                    loss_sum, _ = loss_module(**{k: mb[k].to(accelerator.device) if mb[k] is not None else None
+                                                 for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
+                    # Token mean over the whole global batch; DDP averages gradients over processes.
+                    loss = loss_sum / global_supervised * world
+                accelerator.backward(loss)
+                step_loss += loss_sum.detach()
+                window["tokens"] += int(mb["attention_mask"].sum())
+                window["samples"] += mb["n_samples"]
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            mean_loss = float(accelerator.reduce(step_loss, reduction="sum") / global_supervised)
+            window["loss"] += mean_loss
+            window["steps"] += 1
+            lr = scheduler.get_last_lr()[0]
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window["time"]
+                row = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr,
+                       "grad_norm": float(grad_norm), "samples_per_s": window["samples"] * world / elapsed,
+                       "tokens_per_s": window["tokens"] * world / elapsed, "epoch": step * accum * cfg.batch_size
+                       * world / len(records)}
+                log.metrics(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+                window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                accelerator.wait_for_everyone()
+                if is_main:
+                    unwrapped = accelerator.unwrap_model(loss_module).peft_model
+                    _save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, cfg.model)
+                    plot_loss(run_dir)
+                last_saved = step
+    finally:
+        bar.close()
+        log.close()
+
+    accelerator.wait_for_everyone()
+    if is_main:
+        unwrapped = accelerator.unwrap_model(loss_module).peft_model
+        save_adapter(unwrapped, run_dir, cfg.model, {"step": last_saved})
+        report = write_data_report(run_dir, len(records) + len(parse_errors), parse_errors)
+        curve = plot_loss(run_dir)
+        print(f"adapter written to {run_dir} (step {last_saved}); loss curve {curve}; "
+              f"{report['skipped']} records skipped, see {run_dir / 'data_report.json'}")
+    accelerator.end_training()
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
