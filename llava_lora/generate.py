@@ -16,7 +16,7 @@ from .inference import GenerationSettings, answer, settings_from
 from .modeling import load_model
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateConfig(GenerationSettings):
     model: str = field(help="MODEL_DIR written by `llava-lora build`")
     prompt: str = field(help="the question")

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from ..config import field
 from ..errors import UsageError
-from .records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
+from .records import BadRecord, Record, check_image, load_records, resolve_data, resolve_image
 
 PRINT_LIMIT = 50  # bad records printed; the rest are in --json
 CHUNK = 256  # images per pool task: large enough to amortise pickling, small enough for a live progress bar
@@ -77,7 +77,7 @@ def _check_images(root: str, items: Sequence[tuple[int, str]]) -> list[tuple[int
     out = []
     for index, rel in items:
         try:
-            open_image(resolve_image(root, rel))
+            check_image(resolve_image(root, rel))
         except BadRecord as e:
             out.append((index, e.reason, e.detail))
     return out
@@ -151,9 +151,10 @@ def check_file(file: str | Path, root: str | Path, **kwargs: Any) -> CheckReport
     return CheckReport(total=len(good) + len(parse_bad), bad=parse_bad + report.bad, usable=report.usable)
 
 
-def print_report(report: CheckReport, file: Path, root: Path, out: TextIO = sys.stdout,
+def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None = None,
                  limit: int = PRINT_LIMIT) -> None:
-    """Summary by reason, then one line per bad record (at most ``limit``)."""
+    """Summary by reason, then one line per bad record (at most ``limit``); to stdout by default."""
+    out = out or sys.stdout
     print(f"{file}: {report.total:,} records, {len(report.usable):,} usable, {len(report.bad):,} not "
           f"(images under {root})", file=out)
     if not report.bad:

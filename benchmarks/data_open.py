@@ -1,0 +1,199 @@
+"""Time and peak memory of opening a CC3M-595K-sized chat.json, and of ``llava-lora data check`` over it.
+
+    .venv/bin/python benchmarks/data_open.py              # 595K records, ~160 MB of JSON; --n 20000 for a quick run
+
+Writes the set in a temporary folder: ``chat.json`` with CC3M-style records (the 11 LLaVA pretraining
+questions, captions of 5-20 words) and ``images_dl/``, one hard link per record to one of a few JPEGs
+(320x240, photo-like). Each phase runs in a fresh Python process, so its peak RSS is its own:
+
+- ``json.load``: the stdlib reading the whole file as dicts (the baseline that ``load_records`` avoids);
+- ``load_records``: parsing into compact Records;
+- ``data check``: parse + resolve + decode every image (``check_image``) in a process pool (``--workers``);
+  the peak RSS is given for the main process and for the largest worker, the speed per wall-clock second
+  and per CPU-second (the machine may be shared: the load average before each phase is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+QUESTIONS = [
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+]
+WORDS = ("a the of and in on with at for person man woman city street view building tree sky water beach dog "
+         "cat car house river mountain night day old new young beautiful red blue green white black small large "
+         "stock photo vector illustration group people walking standing sitting near during background").split()
+JPEGS = 4
+LINKS_PER_FILE = 60_000
+
+
+def _write_jpegs(folder: Path) -> list[Path]:
+    """A few 320x240 photo-like JPEGs (gradient, a shape, texture), 12-16 KB each."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    paths = []
+    for k in range(JPEGS):
+        rng = random.Random(k)
+        base = Image.linear_gradient("L").resize((320, 240)).rotate(rng.randint(0, 359))
+        img = Image.merge("RGB", [base.point(lambda v, s=rng.random(): int(v * s + 60)) for _ in range(3)])
+        ImageDraw.Draw(img).ellipse((60 + 20 * k, 40, 220, 200), fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        # blurred colour noise: texture that makes the file as large as a photo's (~12-16 KB at 320x240)
+        noise = Image.merge("RGB", [Image.effect_noise((320, 240), 40) for _ in range(3)])
+        img = Image.blend(img, noise.filter(ImageFilter.GaussianBlur(0.6)), 0.2 + 0.05 * k)
+        paths.append(folder / f"source_{k}.jpg")
+        img.save(paths[-1], quality=85)
+    return paths
+
+
+def _source(sources: list[Path], i: int) -> Path:
+    """The JPEG record ``i`` links to; a fresh copy every LINKS_PER_FILE links (ext4 allows 65,000 per inode)."""
+    base, copy = sources[i % JPEGS], i // (JPEGS * LINKS_PER_FILE)
+    if copy == 0:
+        return base
+    path = base.with_name(f"{base.stem}_{copy}.jpg")
+    if not path.exists():
+        shutil.copyfile(base, path)
+    return path
+
+
+def write_dataset(folder: Path, n: int) -> tuple[Path, float]:
+    """``folder/chat.json`` with ``n`` records and ``folder/images_dl/`` hard links; returns (file, seconds)."""
+    start = time.perf_counter()
+    rng = random.Random(0)
+    images = folder / "images_dl"
+    images.mkdir(parents=True)
+    sources = _write_jpegs(folder)
+    path = folder / "chat.json"
+    # written record by record: this process stays small while the phases run
+    with open(path, "w") as f:
+        f.write("[")
+        for i in range(n):
+            rid = f"GCC_train_{rng.randrange(10**9):09d}_{i}"
+            caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + " ."
+            q = rng.choice(QUESTIONS)
+            q = f"{q}\n<image>" if rng.random() < 0.5 else f"<image>\n{q}"
+            record = {"id": rid, "image": f"{rid}.jpg",
+                      "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": caption}]}
+            f.write((", " if i else "") + json.dumps(record))
+            os.link(_source(sources, i), images / f"{rid}.jpg")
+        f.write("]")
+    return path, time.perf_counter() - start
+
+
+def _hwm_mb(pid: str = "self") -> float:
+    """Peak RSS (VmHWM) of a live process, in MB. Unlike getrusage's ru_maxrss it starts afresh at exec, so
+    a child does not inherit the peak of the process that forked it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _watch_children(peaks: dict[str, float], stop: threading.Event) -> None:
+    """Sample the peak RSS of this process's children (the pool workers) until ``stop``."""
+    me = str(os.getpid())
+    while not stop.wait(0.2):
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = f.read().rsplit(")", 1)[1].split()[1]
+                except OSError:
+                    continue
+                if ppid == me:
+                    peaks[pid] = max(peaks.get(pid, 0.0), _hwm_mb(pid))
+
+
+def phase(name: str, path: str, workers: int) -> dict:
+    """Run one phase in this process; returns its figures (printed as JSON by ``--phase``)."""
+    import resource
+
+    peaks: dict[str, float] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_children, args=(peaks, stop), daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    out: dict = {}
+    if name == "json.load":
+        with open(path) as f:
+            out["records"] = len(json.load(f))
+    elif name == "load_records":
+        from llava_lora.data.records import load_records
+
+        good, bad = load_records(path)
+        out["records"], out["bad"] = len(good), len(bad)
+    elif name == "check":
+        from llava_lora.data.check import check_file
+        from llava_lora.data.records import resolve_data
+
+        file, root = resolve_data(path)
+        report = check_file(file, root, workers=workers, progress=False)
+        out["records"], out["bad"] = report.total, len(report.bad)
+    out["seconds"] = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    # CPU time (this process + its reaped pool workers) does not depend on what else the machine runs
+    cpu = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    out["cpu_seconds"] = sum(r.ru_utime + r.ru_stime for r in cpu)
+    out["peak_rss_mb"] = _hwm_mb()
+    out["worker_peak_rss_mb"] = max(peaks.values(), default=0.0)
+    return out
+
+
+def _run_phase(name: str, path: Path, workers: int) -> dict:
+    cmd = [sys.executable, __file__, "--phase", name, "--path", str(path), "--workers", str(workers)]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=595_375, help="records (CC3M-595K has 595,375)")
+    ap.add_argument("--workers", type=int, default=0, help="image-check processes; 0: one per core")
+    ap.add_argument("--skip-check", action="store_true", help="only time opening the file")
+    ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        print(json.dumps(phase(args.phase, args.path, args.workers)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="data_open_") as tmp:
+        path, took = write_dataset(Path(tmp), args.n)
+        size_mb = path.stat().st_size / 2**20
+        jpeg_kb = sum(p.stat().st_size for p in Path(tmp).glob("source_?.jpg")) / JPEGS / 1024
+        print(f"wrote {args.n:,} records, {size_mb:.0f} MB chat.json, {args.n:,} hard-linked 320x240 JPEGs "
+              f"({jpeg_kb:.0f} KB) in {took:.1f} s ({os.cpu_count()} CPU cores)")
+        phases = ["json.load", "load_records"] + ([] if args.skip_check else ["check"])
+        for name in phases:
+            load = os.getloadavg()[0]  # the machine may be shared: a busy one slows the check
+            r = _run_phase(name, path if name != "check" else Path(tmp), args.workers)
+            line = f"{name:>13}: {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  (load avg {load:.1f})"
+            if name == "check":
+                line += (f"\n               largest worker {r['worker_peak_rss_mb']:.0f} MB, "
+                         f"{r['records'] / r['seconds']:,.0f} images/s, {r['records'] / r['cpu_seconds']:,.0f} images "
+                         f"per CPU-second, {r['bad']} bad")
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""The Gradio page that puts the base model and the fine-tuned model side by side.
+
+    llava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA      # then open http://127.0.0.1:7860
+
+Tab 1 answers a data-set sample with both models and checks each answer against the reference; tab 2 answers
+an uploaded image and a typed question. One model is in memory: the fine-tuned answer comes with the adapter
+on, the base answer from the same model under peft's ``disable_adapter()``. Answers stream token by token.
+
+Safe by default: it binds 127.0.0.1 and makes no share link unless ``--share``; uploads are refused over a
+byte size or a pixel count, both checked before the image is decoded; max new tokens is capped; generation
+runs one request at a time on the model while the queue holds the others.
+
+Endpoints for ``gradio_client`` (the settings are max_new_tokens, greedy, temperature, top_p, top_k,
+repetition_penalty):
+    /show_sample (index) -> image, question, reference, info
+    /compare_sample (index, *settings) -> base answer, base match, fine-tuned answer, fine-tuned match, status
+    /compare_upload (image, question, *settings) -> base answer, fine-tuned answer, status
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import prompts
+from .config import field
+from .data.records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
+from .errors import UsageError
+from .inference import GenerationSettings, adapter_switch
+from .metrics import exact_match_normalised
+from .modeling import format_param_stats, load_model, param_stats
+
+if TYPE_CHECKING:
+    import gradio as gr
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Endpoint names: gradio_client callers and the tests depend on them.
+API_SHOW_SAMPLE = "show_sample"
+API_COMPARE_SAMPLE = "compare_sample"
+API_COMPARE_UPLOAD = "compare_upload"
+# Both generating events share one concurrency group of size 1: the adapter switch is model-wide state.
+MODEL_GROUP = "model"
+
+
+@dataclass
+class DemoConfig:
+    model: str = field(help="MODEL_DIR written by `llava-lora build`")
+    adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder) holding a trained adapter; "
+                                           "without it the page shows the base model alone")
+    data: str | None = field(None, help="LLaVA-format JSON/JSONL file, or a folder holding chat.json, for tab 1")
+    split: str | None = field(None, help="data split file in a DATA folder, e.g. test (default: chat.json)")
+    image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else DATA)")
+    host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to the network")
+    port: int = field(7860, help="port to listen on")
+    share: bool = field(False, help="ask Gradio for a public share link (off: the page stays local)")
+    device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
+    dtype: str = field("auto", help="auto, float32, bfloat16 or float16")
+    max_new_tokens: int = field(64, help="default of the page's max-new-tokens slider")
+    max_new_tokens_cap: int = field(256, help="the most new tokens a request may ask for")
+    max_upload_mb: float = field(10.0, help="uploads larger than this many megabytes are refused")
+    max_upload_pixels: int = field(16_000_000, help="uploads with more pixels than this are refused undecoded")
+    max_question_chars: int = field(2000, help="longest question accepted")
+    queue_size: int = field(32, help="requests that may wait in the queue; more are turned away")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port {self.port}: expected 0..65535")
+        if self.max_new_tokens_cap < 1 or not 1 <= self.max_new_tokens <= self.max_new_tokens_cap:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must lie in 1..--max-new-tokens-cap "
+                             f"({self.max_new_tokens_cap})")
+        if self.max_upload_mb <= 0 or self.max_upload_pixels < 1 or self.max_question_chars < 1:
+            raise UsageError("--max-upload-mb, --max-upload-pixels and --max-question-chars must be positive")
+        if self.queue_size < 1:
+            raise UsageError(f"--queue-size {self.queue_size}: expected at least 1")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class RequestError(ValueError):
+    """A request the page refuses; the message is shown to the user."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model: streamed, serialised generation with the adapter on or off
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _StopOn:
+    """A stopping criterion that ends generation when ``event`` is set (the request went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Engine:
+    """One loaded model answering with its adapter on (fine-tuned) or off (base), one generation at a time."""
+
+    def __init__(self, model, processor, has_adapter: bool):
+        self.model = model
+        self.processor = processor
+        self.has_adapter = has_adapter
+        # The adapter switch is model-wide: a second generate must not run while the first has it toggled.
+        self.lock = threading.Lock()
+
+    def prompt(self, msgs: list[dict]) -> str:
+        return prompts.generation_prompt(self.processor.tokenizer, msgs)
+
+    def _inputs(self, prompt: str, image: Image.Image | None):
+        # as inference.answer builds them, so the demo asks exactly what eval asks
+        inputs = self.processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def stream(self, prompt: str, image: Image.Image | None, settings: GenerationSettings,
+               adapter: bool) -> Iterator[str]:
+        """The answer so far, after each new piece of text."""
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        tokenizer = self.processor.tokenizer
+        inputs = self._inputs(prompt, image)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            # The lock and the adapter switch live in the generating thread: the adapter is off exactly
+            # while this generate runs, whatever happens to the request that started it.
+            try:
+                with self.lock, torch.inference_mode(), adapter_switch(self.model, adapter):
+                    self.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+                                        pad_token_id=tokenizer.pad_token_id)
+            except BaseException as e:  # handed to the request thread, which shows it
+                failure.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="demo-generate", daemon=True)
+        thread.start()
+        text = ""
+        try:
+            for piece in streamer:
+                if piece:
+                    text += piece
+                    yield text.strip()
+        finally:
+            stop.set()  # a closed page stops its generation at the next token
+            thread.join()
+        if failure:
+            raise failure[0]
+
+    def compare(self, prompt: str, image: Image.Image | None,
+                settings: GenerationSettings) -> Iterator[tuple[str, str, str]]:
+        """(base answer, fine-tuned answer, status) as both stream in, base first."""
+        t0 = time.perf_counter()
+        base = tuned = ""
+        yield base, tuned, "Generating the base answer…"
+        for base in self.stream(prompt, image, settings, adapter=False):
+            yield base, tuned, "Generating the base answer…"
+        if self.has_adapter:
+            yield base, tuned, "Generating the fine-tuned answer…"
+            for tuned in self.stream(prompt, image, settings, adapter=True):
+                yield base, tuned, "Generating the fine-tuned answer…"
+        yield base, tuned, f"Done in {time.perf_counter() - t0:.1f} s."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request checks: settings, uploads, samples
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ui_settings(max_new_tokens: float, greedy: bool, temperature: float, top_p: float, top_k: float,
+                repetition_penalty: float, cap: int) -> GenerationSettings:
+    """The page's settings as GenerationSettings, checked (API callers can send anything)."""
+    try:
+        n, k = int(max_new_tokens), int(top_k)
+        temperature, top_p, penalty = float(temperature), float(top_p), float(repetition_penalty)
+    except (TypeError, ValueError):
+        raise RequestError("generation settings must be numbers") from None
+    if not 1 <= n <= cap:
+        raise RequestError(f"max new tokens must lie in 1..{cap}, got {n}")
+    if not greedy and not 0 < temperature <= 5:
+        raise RequestError(f"temperature must lie in (0, 5] when sampling, got {temperature}")
+    if not 0 < top_p <= 1 or k < 0 or not 0 < penalty <= 5:
+        raise RequestError("top-p must lie in (0, 1], top-k be 0 or more, repetition penalty in (0, 5]")
+    return GenerationSettings(max_new_tokens=n, temperature=0.0 if greedy else temperature, top_p=top_p,
+                              top_k=k, repetition_penalty=penalty)
+
+
+def checked_upload(path: str | None, max_bytes: int, max_pixels: int) -> Image.Image | None:
+    """The uploaded image as RGB, after its byte size and (from the header) pixel count pass the limits."""
+    if path is None:
+        return None
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise RequestError(f"the image is {size:,} bytes, over the limit of {max_bytes:,} bytes")
+    try:
+        return open_image(path, max_pixels=max_pixels)  # reads the header and refuses before decoding
+    except BadRecord as e:
+        if e.reason == "image_too_large":
+            raise RequestError(f"the image is too large: {e.detail}") from None
+        raise RequestError(f"cannot use this image ({e.reason}): {e.detail}") from None
+
+
+@dataclass
+class Samples:
+    """The data set of tab 1 (records and where their images are)."""
+
+    records: list[Record]
+    image_root: Path
+    source: str
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, index: Any) -> Record:
+        if isinstance(index, bool) or not isinstance(index, (int, float)) or index != int(index):
+            raise RequestError(f"sample index must be a whole number, got {index!r}")
+        if not 0 <= index < len(self.records):
+            raise RequestError(f"sample index {index} is out of range 0..{len(self.records) - 1}")
+        return self.records[int(index)]
+
+    def image(self, record: Record) -> Image.Image | None:
+        if record.image is None:
+            return None
+        try:
+            return open_image(resolve_image(self.image_root, record.image))
+        except BadRecord as e:
+            raise RequestError(f"sample {record.id}: {e.reason}: {e.detail}") from None
+
+
+def load_samples(cfg: DemoConfig) -> Samples | None:
+    if cfg.data is None:
+        return None
+    file, root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
+    records, bad = load_records(file)
+    if not records:
+        raise UsageError(f"{file}: no usable record ({len(bad)} rejected; `llava-lora data check` says why)")
+    return Samples(records, root, str(file), len(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------------------
+
+CSS = """
+#header h1 { margin-bottom: 0.2em; }
+#header p { margin: 0.1em 0; color: var(--body-text-color-subdued); }
+.match { min-height: 1.8em; }
+.em { display: inline-block; padding: 0.15em 0.7em; border-radius: 999px; font-weight: 600; font-size: 0.9em; }
+.em-yes { background: #dcfce7; color: #166534; }
+.em-no { background: #fee2e2; color: #991b1b; }
+#sample-image img { width: 100%; height: 100%; object-fit: contain; }
+.status { color: var(--body-text-color-subdued); font-size: 0.9em; min-height: 1.4em; }
+.answer textarea { font-size: 1.05em; }
+footer { display: none !important; }
+"""
+
+
+def _adapter_parameters(model) -> int:
+    """Parameters the adapter brings: LoRA matrices and the trained copies of ``modules_to_save`` (projector)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or ".modules_to_save." in n)
+
+
+def header_markdown(cfg: DemoConfig, engine: Engine) -> str:
+    rows = param_stats(engine.model)
+    total = rows[-1]["total"]
+    if engine.has_adapter:
+        n = _adapter_parameters(engine.model)
+        adapter = (f"**Adapter** `{cfg.adapter}`: {n:,} parameters (LoRA and projector), "
+                   f"{100 * n / total:.2f}% of {total:,}")
+    else:
+        adapter = f"**Adapter** none: the base model alone ({total:,} parameters); pass `--adapter RUN_DIR` to compare"
+    return f"# LLaVA-LoRA: base vs fine-tuned\n\n**Model** `{cfg.model}`\n\n{adapter}"
+
+
+def match_badge(prediction: str, reference: str) -> str:
+    """HTML badge saying whether ``prediction`` matches ``reference`` (exact match after SQuAD normalisation,
+    as eval's ``exact_match_normalised``)."""
+    if exact_match_normalised(prediction, reference):
+        return '<span class="em em-yes">✓ exact match</span>'
+    return '<span class="em em-no">✗ no exact match</span>'
+
+
+def _gradio():
+    try:
+        import gradio
+    except ImportError:
+        raise UsageError("the demo needs Gradio: pip install 'llava-lora[demo]'") from None
+    return gradio
+
+
+def build_app(cfg: DemoConfig, engine: Engine, samples: Samples | None) -> gr.Blocks:
+    """The page; ``serve`` launches it (tests launch it the same way)."""
+    gr = _gradio()
+    tuned_label = "Fine-tuned (adapter on)"
+    base_label = "Base (adapter off)" if engine.has_adapter else "Base model"
+
+    def settings_of(ui: tuple) -> GenerationSettings:
+        return ui_settings(*ui, cap=cfg.max_new_tokens_cap)
+
+    def show_sample(index: float):
+        try:
+            record = samples.get(index)
+            info = f"`{record.id}` · {len(samples):,} samples in `{Path(samples.source).name}`"
+            try:
+                image = samples.image(record)
+            except RequestError as e:
+                image, info = None, f"{info} · ⚠️ {e}"
+        except RequestError as e:
+            raise gr.Error(str(e)) from None
+        return image, prompts.question(record), record.turns[-1].text, info
+
+    def step(index: float, delta: int) -> int:
+        i = int(index) if isinstance(index, (int, float)) else 0
+        return random.randrange(len(samples)) if delta == 0 else (i + delta) % len(samples)
+
+    def compare_sample(index: float, *ui):
+        try:
+            settings = settings_of(ui)
+            record = samples.get(index)
+            image = samples.image(record)
+            msgs, reference = prompts.prompt_and_reference(record)
+            base = tuned = ""
+            for base, tuned, status in engine.compare(engine.prompt(msgs), image, settings):
+                yield base, "", tuned, "", status
+            yield (base, match_badge(base, reference), tuned,
+                   match_badge(tuned, reference) if engine.has_adapter else "", status)
+        except RequestError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:  # a failure in one request: say so in the page, keep serving
+            log.exception("compare_sample failed")
+            raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
+
+    def compare_upload(image_path: str | None, question: str, *ui):
+        try:
+            settings = settings_of(ui)
+            question = (question or "").strip()
+            if not question:
+                raise RequestError("type a question first")
+            if len(question) > cfg.max_question_chars:
+                raise RequestError(f"the question is {len(question):,} characters; the limit is "
+                                   f"{cfg.max_question_chars:,}")
+            image = checked_upload(image_path, cfg.max_upload_bytes, cfg.max_upload_pixels)
+            msgs = [{"role": "user", "content": prompts._content(question, image is not None, True)}]
+            yield from engine.compare(engine.prompt(msgs), image, settings)
+        except RequestError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:
+            log.exception("compare_upload failed")
+            raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
+
+    with gr.Blocks(title="LLaVA-LoRA demo", analytics_enabled=False) as app:
+        gr.Markdown(header_markdown(cfg, engine), elem_id="header")
+        with gr.Accordion("Parameter statistics", open=False):
+            gr.Markdown(f"```\n{format_param_stats(param_stats(engine.model))}\n```", elem_id="param-stats")
+        with gr.Accordion("Generation settings (both tabs)", open=False, elem_id="settings"):
+            with gr.Row():
+                max_new = gr.Slider(1, cfg.max_new_tokens_cap, value=cfg.max_new_tokens, step=1,
+                                    label="Max new tokens", elem_id="max-new-tokens")
+                greedy = gr.Checkbox(True, label="Greedy decoding", info="off: sample with temperature, top-p "
+                                     "and top-k", elem_id="greedy")
+                temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
+            with gr.Row():
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)")
+                penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+        ui = [max_new, greedy, temperature, top_p, top_k, penalty]
+
+        with gr.Tabs():
+            with gr.Tab("Data set", id="data", elem_id="tab-data"):
+                if samples is None:
+                    gr.Markdown("No data set loaded. Start the demo with one to browse its samples:\n\n"
+                                "```\nllava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA "
+                                "[--split test]\n```\n\nDATA is a LLaVA-format JSON/JSONL file or a folder "
+                                "holding `chat.json`.", elem_id="no-data")
+                else:
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=2, min_width=240):
+                            sample_image = gr.Image(label="Image", type="pil", format="png", interactive=False,
+                                                    height=300, elem_id="sample-image")
+                        with gr.Column(scale=3):
+                            with gr.Row(equal_height=True):
+                                index = gr.Number(0, label=f"Sample index (0..{len(samples) - 1})", precision=0,
+                                                  minimum=0, maximum=len(samples) - 1, scale=2, min_width=140,
+                                                  elem_id="sample-index")
+                                prev_btn = gr.Button("◀ Prev", scale=1, min_width=80, elem_id="prev")
+                                next_btn = gr.Button("Next ▶", scale=1, min_width=80, elem_id="next")
+                                random_btn = gr.Button("Random", scale=1, min_width=80, elem_id="random")
+                            sample_info = gr.Markdown(elem_id="sample-info")
+                            sample_question = gr.Textbox(label="Question", interactive=False, lines=2,
+                                                         elem_id="sample-question")
+                            sample_reference = gr.Textbox(label="Reference answer", interactive=False,
+                                                          elem_id="sample-reference")
+                            compare_btn = gr.Button("Compare base and fine-tuned" if engine.has_adapter
+                                                    else "Answer", variant="primary", elem_id="compare-sample")
+                    with gr.Row():
+                        with gr.Column():
+                            s_base = gr.Textbox(label=base_label, interactive=False, lines=3,
+                                                elem_id="sample-base", elem_classes="answer")
+                            s_base_match = gr.HTML(elem_id="sample-base-match", elem_classes="match")
+                        with gr.Column(visible=engine.has_adapter):
+                            s_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3,
+                                                 elem_id="sample-tuned", elem_classes="answer")
+                            s_tuned_match = gr.HTML(elem_id="sample-tuned-match", elem_classes="match")
+                    s_status = gr.Markdown(elem_id="sample-status", elem_classes="status")
+                    answers = [s_base, s_base_match, s_tuned, s_tuned_match, s_status]
+                    sample_outputs = [sample_image, sample_question, sample_reference, sample_info]
+
+                    shown = index.change(show_sample, [index], sample_outputs, api_name=API_SHOW_SAMPLE,
+                                         concurrency_limit=4)
+                    shown.then(lambda: ("", "", "", "", ""), None, answers, api_visibility="private")
+                    app.load(show_sample, [index], sample_outputs, api_visibility="private")
+                    for btn, delta in ((prev_btn, -1), (next_btn, 1), (random_btn, 0)):
+                        btn.click(lambda i, d=delta: step(i, d), [index], [index], api_visibility="private")
+                    compare_btn.click(compare_sample, [index, *ui], answers, api_name=API_COMPARE_SAMPLE,
+                                      concurrency_limit=1, concurrency_id=MODEL_GROUP)
+
+            with gr.Tab("Your own image", id="upload", elem_id="tab-upload"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2, min_width=240):
+                        upload = gr.Image(label="Image", type="filepath", image_mode=None,
+                                          sources=["upload", "clipboard"], height=300, elem_id="upload-image")
+                    with gr.Column(scale=3):
+                        question = gr.Textbox(label="Question", placeholder="What is in the image?", lines=2,
+                                              max_length=cfg.max_question_chars, elem_id="upload-question")
+                        gr.Markdown(f"Images up to {cfg.max_upload_mb:g} MB and "
+                                    f"{cfg.max_upload_pixels / 1e6:g} megapixels.", elem_classes="status")
+                        ask_btn = gr.Button("Ask both models" if engine.has_adapter else "Ask",
+                                            variant="primary", elem_id="compare-upload")
+                with gr.Row():
+                    u_base = gr.Textbox(label=base_label, interactive=False, lines=3, elem_id="upload-base",
+                                        elem_classes="answer")
+                    u_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3, visible=engine.has_adapter,
+                                         elem_id="upload-tuned", elem_classes="answer")
+                u_status = gr.Markdown(elem_id="upload-status", elem_classes="status")
+                ask = dict(fn=compare_upload, inputs=[upload, question, *ui], outputs=[u_base, u_tuned, u_status],
+                           concurrency_limit=1, concurrency_id=MODEL_GROUP)
+                ask_btn.click(**ask, api_name=API_COMPARE_UPLOAD)
+                question.submit(**ask, api_visibility="private")
+    app.queue(max_size=cfg.queue_size)
+    return app
+
+
+def serve(app: gr.Blocks, cfg: DemoConfig, block: bool = True) -> str:
+    """Launch ``app`` on cfg.host:cfg.port; returns the local URL (``block=False`` returns at once)."""
+    gr = _gradio()
+    # Fonts that ship with Gradio (nothing is fetched); their SemiBold files lack most letters, so 700 stands in.
+    font = [gr.themes.LocalFont("IBM Plex Sans", weights=(400, 700)), "ui-sans-serif", "system-ui", "sans-serif"]
+    mono = [gr.themes.LocalFont("IBM Plex Mono", weights=(400, 700)), "ui-monospace", "monospace"]
+    theme = gr.themes.Default(primary_hue="indigo", secondary_hue="slate", font=font, font_mono=mono)
+    _, url, _ = app.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True,
+                           max_file_size=cfg.max_upload_bytes, prevent_thread_lock=not block, quiet=not block,
+                           ssr_mode=False, theme=theme, css=CSS, footer_links=[], mcp_server=False)
+    return url
+
+
+def load(cfg: DemoConfig) -> tuple[Engine, Samples | None]:
+    """The model (with its adapter) and the data set of ``cfg``; data is checked first, as it loads faster."""
+    samples = load_samples(cfg)
+    model, processor = load_model(cfg.model, cfg.adapter, cfg.dtype, cfg.device)
+    return Engine(model, processor, has_adapter=cfg.adapter is not None), samples
+
+
+def main(cfg: DemoConfig) -> int:
+    _gradio()  # fail before loading the model when the extra is missing
+    engine, samples = load(cfg)
+    if samples is not None:
+        print(f"data: {len(samples):,} samples from {samples.source}" +
+              (f" ({samples.skipped:,} rejected records left out)" if samples.skipped else ""))
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {cfg.host}: anyone who can reach this machine can use the page")
+    serve(build_app(cfg, engine, samples), cfg)
+    return 0

@@ -1,0 +1,330 @@
+"""Base vs fine-tuned on the same samples: predictions, metrics and parameter counts.
+
+    llava-lora eval --model MODEL_DIR --adapter RUN_DIR --data DATA --split test     # -> RUN_DIR/eval-test/
+    llava-lora eval --model MODEL_DIR --adapter RUN_DIR --data DATA --index 3        # one sample, in full
+    llava-lora eval --model MODEL_DIR --data DATA --limit 100                        # the base alone
+
+One model is loaded; the base answers with its adapter switched off, the fine-tuned one with it on. Each
+sample is asked as it was taught (``prompts.prompt_and_reference``: for a multi-turn record the last answer is
+predicted from the history). Writes ``predictions.jsonl``, ``summary.json``, ``report.md`` and the resolved
+``eval.yaml`` to OUT; a sample whose image cannot be read is skipped and listed in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import config as cfglib
+from . import metrics, prompts
+from .config import field
+from .data.records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
+from .errors import UsageError
+from .inference import GenerationSettings, answer, settings_from
+
+OUTPUTS = ("predictions.jsonl", "summary.json", "report.md", "eval.yaml")
+SYSTEMS = ("base", "finetuned")
+LABELS = {"base": "base", "finetuned": "fine-tuned"}
+
+
+@dataclass(kw_only=True)
+class EvalConfig(GenerationSettings):
+    model: str = field(help="MODEL_DIR written by `llava-lora build`")
+    data: str = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json / SPLIT.json")
+    adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder); without it the base is evaluated alone")
+    split: str | None = field(None, help="split file in a DATA folder, e.g. test for test.json; none: chat.json")
+    image_dir: str | None = field(None, help="image root; none: DATA's images_dl/, else images/, else DATA")
+    limit: int | None = field(None, help="evaluate the first N usable samples only")
+    index: int | None = field(None, help="show sample I (0-based, among usable samples) in full; writes files "
+                                         "only with --out")
+    batch_size: int = field(8, help="samples generated together (left-padded, KV-cached)")
+    out: str | None = field(None, help="output folder; none: RUN_DIR/eval-<split or data name>, or ./eval-<...> "
+                                       "without --adapter")
+    overwrite: bool = field(False, help="write into an existing non-empty output folder")
+    examples: int = field(20, help="most differing examples shown in report.md")
+    device: str | None = field(None, help="cpu or cuda; none: cuda when available")
+    dtype: str = field("auto", help="auto, float32, bfloat16 or float16")
+    seed: int = field(0, help="seed for sampling (temperature > 0)")
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be >= 1, got {self.limit}")
+        if self.index is not None and self.index < 0:
+            raise UsageError(f"--index must be >= 0, got {self.index}")
+        if self.limit is not None and self.index is not None:
+            raise UsageError("give --limit or --index, not both")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Prediction:
+    id: str
+    question: str
+    reference: str
+    answers: dict[str, str]  # system ("base" / "finetuned") -> answer
+
+    def row(self) -> dict[str, str]:
+        return {"id": self.id, "question": self.question, "reference": self.reference, **self.answers}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samples and generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def select(records: list[Record], limit: int | None, index: int | None, source: str) -> list[Record]:
+    """The records to evaluate: all, the first ``limit``, or the one at ``index``."""
+    if index is not None:
+        if not records:
+            raise UsageError(f"--index {index}: {source} has no usable sample")
+        if index >= len(records):
+            raise UsageError(f"--index {index} is out of range: {source} has {len(records)} usable samples "
+                             f"(0..{len(records) - 1})")
+        return [records[index]]
+    return records[:limit] if limit is not None else records
+
+
+def load_image(record: Record, image_root: Path):
+    """The record's image (RGB) or None for a text-only record; BadRecord when it cannot be read."""
+    if record.image is None:
+        return None
+    return open_image(resolve_image(image_root, record.image))
+
+
+def predict(model, processor, records: Sequence[Record], image_root: Path, settings: GenerationSettings,
+            batch_size: int, systems: Sequence[str] = SYSTEMS, progress: bool = True
+            ) -> tuple[list[Prediction], list[dict[str, str]]]:
+    """(predictions in ``records`` order, skipped samples) answered by each of ``systems``.
+
+    Each batch's images are decoded once and answered by the base (adapter off) and the fine-tuned model
+    (adapter on). Records are batched by prompt length, so that short prompts do not wait on padding.
+    """
+    from tqdm.auto import tqdm
+
+    asked = []  # [(templated prompt, reference)], by position: ids need not be unique in user data
+    for rec in records:
+        msgs, reference = prompts.prompt_and_reference(rec)
+        asked.append((prompts.generation_prompt(processor.tokenizer, msgs), reference))
+    order = sorted(range(len(records)), key=lambda i: len(asked[i][0]))
+    done: dict[int, Prediction] = {}
+    skipped: list[dict[str, str]] = []
+    with tqdm(total=len(records), desc="eval", unit="sample", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            kept, images = [], []
+            for i in order[start:start + batch_size]:
+                try:
+                    images.append(load_image(records[i], image_root))
+                    kept.append(i)
+                except BadRecord as e:
+                    skipped.append({"id": records[i].id, "reason": e.reason, "detail": e.detail, "when": "image"})
+            if kept:
+                texts = [asked[i][0] for i in kept]
+                outs = {s: answer(model, processor, texts, images, settings, adapter=s == "finetuned")
+                        for s in systems}
+                for k, i in enumerate(kept):
+                    done[i] = Prediction(records[i].id, prompts.question(records[i]), asked[i][1],
+                                         {s: outs[s][k] for s in systems})
+            bar.update(len(order[start:start + batch_size]))
+    return [done[i] for i in sorted(done)], skipped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------------
+
+
+def score(predictions: list[Prediction], systems: Sequence[str]) -> dict[str, dict[str, float]]:
+    refs = [p.reference for p in predictions]
+    return {s: metrics.score_all([p.answers[s] for p in predictions], refs) for s in systems}
+
+
+def metric_rows(scores: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per metric: a column per system, and the change when both are there."""
+    rows = []
+    for m in metrics.METRICS:
+        row: dict[str, Any] = {"metric": m, **{LABELS[s]: v[m] for s, v in scores.items()}}
+        if len(scores) == 2:
+            row["change"] = f"{scores['finetuned'][m] - scores['base'][m]:+.4f}"
+        rows.append(row)
+    return rows
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("llava-lora", "torch", "transformers", "peft", "sacrebleu", "rouge-score"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return _md_cell(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _flipped(p: Prediction) -> bool:
+    """Fine-tuning made this answer right, or wrong."""
+    return (metrics.exact_match_normalised(p.answers["base"], p.reference)
+            != metrics.exact_match_normalised(p.answers["finetuned"], p.reference))
+
+
+def _differences_md(predictions: list[Prediction], examples: int) -> list[str]:
+    differ = [p for p in predictions if p.answers["base"] != p.answers["finetuned"]]
+    shown = sorted(differ, key=lambda p: not _flipped(p))[:examples]  # the flipped ones say most: first
+    lines = [f"## Where the two differ ({len(shown)} shown of {len(differ)})", ""]
+    if not shown:
+        return lines + ["The base and the fine-tuned model gave the same answer on every sample.", ""]
+    rows = [{"id": p.id, "question": p.question, "reference": p.reference, "base": p.answers["base"],
+             "fine-tuned": p.answers["finetuned"]} for p in shown]
+    return lines + [_md_table(rows, ["id", "question", "reference", "base", "fine-tuned"]), ""]
+
+
+def report_markdown(summary: dict[str, Any], predictions: list[Prediction], examples: int) -> str:
+    """report.md: what was evaluated, the metrics table, parameters, differing answers, skipped samples."""
+    both = len(summary["metrics"]) == 2
+    stats = [dict(r, **{"% of all": f"{100 * r['share_of_all']:.2f}%",
+                        "% trainable": f"{100 * r['trainable_share']:.2f}%"}) for r in summary["param_stats"]]
+    adapter = f"`{summary['adapter']}`" if summary["adapter"] else "none"
+    parts = [
+        "# Evaluation: " + ("base vs fine-tuned" if both else "base model"), "",
+        f"- model: `{summary['model']}`", f"- adapter: {adapter}",
+        f"- data: `{summary['data']}`, {summary['samples']} samples evaluated, {len(summary['skipped'])} skipped",
+        "- generation: " + ", ".join(f"{k}={v}" for k, v in summary["settings"].items()), "",
+        "## Metrics", "", _md_table(metric_rows(summary["metrics"]), metric_columns(list(summary["metrics"]))), "",
+        "EM, F1, BLEU-4 and ROUGE-L are in [0, 1]; CIDEr-D uses the COCO scale (0-10).", "",
+        "## Parameters", "", _md_table(stats, ["part", "total", "trainable", "% of all", "% trainable"]), "",
+    ]
+    if both:
+        parts += _differences_md(predictions, examples)
+    if summary["skipped"]:
+        parts += ["## Skipped samples", "", _md_table(summary["skipped"], ["id", "reason", "detail", "when"]), ""]
+    return "\n".join(parts)
+
+
+def show_one(record: Record, prediction: Prediction | None, skipped: list[dict[str, str]]) -> str:
+    """One sample in full: history, question, reference and each answer."""
+    lines = [f"id: {record.id}", f"image: {record.image or '(none: text-only)'}"]
+    for turn in record.turns[:-2]:
+        lines.append(f"{turn.role}: {turn.text}")
+    lines += [f"question: {prompts.question(record)}", f"reference: {record.turns[-1].text}"]
+    if prediction is None:
+        s = skipped[0]
+        raise UsageError(f"sample {record.id}: {s['reason']}: {s['detail']}")
+    lines += [f"{LABELS[s]}: {a}" for s, a in prediction.answers.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def default_out(cfg: EvalConfig) -> Path | None:
+    """OUT when --out is not given: beside the adapter, or in the working folder; none for --index."""
+    if cfg.out is not None:
+        return Path(cfg.out)
+    if cfg.index is not None:
+        return None
+    name = "eval-" + (cfg.split or Path(cfg.data).stem)
+    return (Path(cfg.adapter) if cfg.adapter else Path.cwd()) / name
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
+
+
+def write_outputs(out: Path, cfg: EvalConfig, summary: dict[str, Any], predictions: list[Prediction]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for p in predictions:
+            f.write(json.dumps(p.row(), ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (out / "report.md").write_text(report_markdown(summary, predictions, cfg.examples))
+    cfglib.save(cfg, out / "eval.yaml")
+
+
+def build_summary(cfg: EvalConfig, model, data_file: Path, image_root: Path, predictions: list[Prediction],
+                  skipped: list[dict[str, str]], systems: Sequence[str], seconds: float) -> dict[str, Any]:
+    from .modeling import param_stats
+
+    return {
+        "model": str(cfg.model), "adapter": str(cfg.adapter) if cfg.adapter else None,
+        "data": str(data_file), "image_root": str(image_root), "split": cfg.split,
+        "samples": len(predictions), "skipped": skipped,
+        "metrics": score(predictions, systems), "param_stats": param_stats(model),
+        "settings": {**asdict(settings_from(cfg)), "batch_size": cfg.batch_size, "dtype": str(model.dtype),
+                     "device": str(model.device)},
+        "seconds": round(seconds, 3), "samples_per_s": round(len(predictions) / seconds, 3) if seconds else None,
+        "versions": versions(),
+    }
+
+
+def metric_columns(systems: Sequence[str]) -> list[str]:
+    return ["metric", *(LABELS[s] for s in systems)] + (["change"] if len(systems) == 2 else [])
+
+
+def main(cfg: EvalConfig) -> int:
+    import torch
+
+    from .modeling import format_param_stats, format_table, load_model
+
+    data_file, image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
+    records, bad = load_records(data_file)
+    chosen = select(records, cfg.limit, cfg.index, str(data_file))
+    if not chosen:
+        raise UsageError(f"{data_file}: no usable sample ({len(bad)} bad records; see `llava-lora data check`)")
+    out = default_out(cfg)
+    if out is not None:
+        check_out(out, cfg.overwrite)  # before minutes of generation, not after
+
+    model, processor = load_model(cfg.model, cfg.adapter, cfg.dtype, cfg.device)
+    systems = SYSTEMS if cfg.adapter else SYSTEMS[:1]
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    predictions, skipped = predict(model, processor, chosen, image_root, settings_from(cfg), cfg.batch_size,
+                                   systems, progress=cfg.index is None)
+    seconds = time.perf_counter() - start
+    if cfg.index is not None:
+        print(show_one(chosen[0], predictions[0] if predictions else None, skipped))
+    if not predictions:
+        raise UsageError(f"{data_file}: every selected sample was skipped (first: {skipped[0]['id']}: "
+                         f"{skipped[0]['reason']})")
+
+    # records the file could not parse come first: they are the data set's, whatever --limit chose
+    skipped = [{"id": i, "reason": r, "detail": d, "when": "loading"} for i, r, d in bad] + skipped
+    summary = build_summary(cfg, model, data_file, image_root, predictions, skipped, systems, seconds)
+    if cfg.index is None:
+        print(format_table(metric_rows(summary["metrics"]), metric_columns(systems)))
+        print("\n" + format_param_stats(summary["param_stats"]))
+        print(f"\n{len(predictions)} samples in {seconds:.1f} s ({summary['samples_per_s']} samples/s), "
+              f"{len(skipped)} skipped")
+    if out is not None:
+        write_outputs(out, cfg, summary, predictions)
+        print(f"wrote {', '.join(OUTPUTS)} to {out}")
+    return 0

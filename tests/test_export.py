@@ -1,0 +1,119 @@
+"""``llava-lora export``: the merged folder loads with plain transformers and answers as base + adapter.
+
+    .venv/bin/pytest tests/test_export.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _eval_fixtures import World, eval_world
+from llava_lora import cli, evaluate, export
+from llava_lora.data.records import Record, Turn, load_records, resolve_data
+from llava_lora.inference import GenerationSettings
+from llava_lora.modeling import load_model
+
+SETTINGS = GenerationSettings(max_new_tokens=6)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    return eval_world(tmp_path_factory)
+
+
+def run_cli(*args) -> int:
+    return cli.main(["export", *map(str, args)])
+
+
+def plain(folder):
+    """MERGED_DIR loaded the way a user without our package would."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def test_float32_export_answers_exactly_as_base_plus_adapter(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert run_cli("--model", world.model, "--adapter", world.run, "--out", out, "--dtype", "float32",
+                   "--data", world.data, "--split", "test", "--check-samples", 4) == 0
+    assert "self-check: 4 of 4 greedy answers" in capsys.readouterr().out
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["self_check"]["equal"] == meta["self_check"]["samples"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+    merged, processor = plain(out)
+    assert merged.dtype == torch.float32
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
+    file, root = resolve_data(world.data, "test")
+    records = load_records(file)[0][8:20]  # other samples than the self-check's
+    got, _ = evaluate.predict(merged, processor, records, root, SETTINGS, 4, ("base",), progress=False)
+    tuned, tuned_processor = load_model(world.model, world.run, device="cpu")
+    want, _ = evaluate.predict(tuned, tuned_processor, records, root, SETTINGS, 4, ("finetuned",), progress=False)
+    assert [p.answers["base"] for p in got] == [p.answers["finetuned"] for p in want]
+
+    # parts the adapter does not touch are the base's tensors; the projector is the trained one
+    base = load_file(world.model / "model.safetensors")
+    written = load_file(out / "model.safetensors")
+    adapter = load_file(world.run / "adapter_model.safetensors")
+    assert sorted(written) == sorted(base)  # the same key layout as MODEL_DIR
+    tower = [k for k in base if "vision_tower." in k]
+    assert tower and all(torch.equal(base[k].float(), written[k]) for k in tower)
+    def projector_of(state: dict) -> dict:
+        return {k.split("multi_modal_projector.")[-1]: v for k, v in state.items() if "multi_modal_projector." in k}
+
+    trained, projector = projector_of(adapter), projector_of(written)
+    assert projector.keys() == trained.keys() and all(torch.equal(projector[k], trained[k].float()) for k in trained)
+
+
+def test_default_export_keeps_the_base_dtype(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert run_cli("--model", world.model, "--adapter", world.run, "--out", out) == 0  # synthetic self-check
+    printed = capsys.readouterr().out
+    assert "self-check:" in printed and "greedy answers of the merged model equal base + adapter" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
+    merged, processor = plain(out)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert processor.tokenizer.chat_template and "<image>" in processor.tokenizer.get_vocab()
+    assert (out / "generation_config.json").is_file() and (out / "export.yaml").is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (world.model / name).read_bytes()  # the processor, byte for byte
+    assert not (out / "build_report.json").exists()
+
+
+def test_self_check_tolerates_rounding_only_in_half_precision(capsys):
+    records = [Record(f"r{i}", None, (Turn("user", "q"), Turn("assistant", "a"))) for i in range(2)]
+    result = export.self_check(["red", "top left"], ["red", "top right"], records, "bfloat16")
+    assert (result["samples"], result["equal"]) == (2, 1)
+    printed = capsys.readouterr().out
+    assert "1 of 2" in printed and "r1: base+adapter 'top left' vs merged 'top right'" in printed
+    assert "--dtype float32" in printed
+    with pytest.raises(RuntimeError, match="MERGED_DIR was not written"):
+        export.self_check(["red"], ["blue"], records[:1], "float32")
+
+
+def test_existing_output_folder_is_refused_unless_overwrite(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = ["--model", world.model, "--adapter", world.run, "--out", out, "--check-samples", 1, "--check-tokens", 2]
+    assert run_cli(*args) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert run_cli(*args, "--overwrite") == 0
+    assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
+
+
+def test_adapter_for_another_base_is_refused(world, tmp_path, capsys):
+    assert run_cli("--model", world.other_model, "--adapter", world.run, "--out", tmp_path / "merged") == 2
+    err = capsys.readouterr().err
+    assert "different base" in err and str(world.model.resolve()) in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_adapter_is_refused(world, tmp_path, capsys):
+    assert run_cli("--model", world.model, "--adapter", tmp_path, "--out", tmp_path / "merged") == 2
+    assert "no adapter found" in capsys.readouterr().err
