@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UsageError
+from .fsutil import make_readable
 
 # The language model's layers only: CLIP's attention also has q_proj/v_proj, which must stay untouched.
 LANGUAGE_MODEL_SCOPE = r"model\.language_model\..*"
@@ -67,6 +68,7 @@ def save_adapter(peft_model, out: Path, model_dir: str | Path, extra: dict | Non
         meta = {"llava_lora_version": __version__, "base_model": str(Path(model_dir).resolve()),
                 "base_fingerprint": fingerprint(model_dir), **(extra or {})}
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=2))
+        make_readable(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
     finally:

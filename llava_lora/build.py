@@ -26,6 +26,7 @@ import torch
 from . import __version__, templates
 from .config import field
 from .errors import UsageError
+from .fsutil import make_readable, move_into_place
 from .modeling import format_param_stats, format_table, param_stats, quiet_transformers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -279,9 +280,8 @@ def main(cfg: BuildConfig) -> int:
             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         }
         (work / "build_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        make_readable(work)
+        move_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -300,4 +300,4 @@ def format_build_report(report: dict, out: Path) -> str:
         {"": "tensors checked", "value": f"{report['checks']['tensors_checked']} equal to their sources"},
     ]
     return (f"built {out} in {report['seconds']} s\n\n{format_table(facts, ['', 'value'])}\n\n"
-            f"{format_param_stats(report['parameters'])}")
+            f"{format_param_stats(report['parameters'], trainable=False)}")

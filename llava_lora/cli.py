@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from . import config as cfglib
 from .errors import UsageError
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         leaves[chosen].add_argument("--config", help="YAML file of config keys; flags given here win")
         cfglib.add_arguments(leaves[chosen], getattr(importlib.import_module(module), cls_name))
     args = parser.parse_args(argv)
+    # peft asks a deprecated transformers property whenever an adapter loads; not the user's concern
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     module, cls_name, fn_name, _ = COMMANDS[args._command]
     mod = importlib.import_module(module)
     try:

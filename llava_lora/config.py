@@ -54,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = f.metadata.get("help", "")
+        if required:
+            help_text += " (required)"
+        elif "default" not in help_text:
+            help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.metadata.get("positional"):
             parser.add_argument(f.name, type=tp, metavar=f.name.upper(), help=f.metadata.get("help", ""))

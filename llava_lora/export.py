@@ -14,7 +14,6 @@ not fatal; in float32 any difference is an error. The processor files are copied
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from .adapters import adapter_dir, fingerprint, wrapped_modules
 from .config import field
 from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
+from .fsutil import make_readable, move_into_place
 from .inference import GenerationSettings, answer
 
 EXPORT_FILE = "export.json"
@@ -146,27 +146,6 @@ def copy_processor(model_dir: Path, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
-def _readable(folder: Path) -> None:
-    """Give the folder and its files the modes of ordinary new files: mkdtemp makes folders owner-only and
-    safetensors writes its files owner-only, which would hide a shared model from its other users."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~mask)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap ``tmp`` in for ``out``; an old ``out`` is removed only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def main(cfg: ExportConfig) -> int:
     import torch
 
@@ -207,8 +186,8 @@ def main(cfg: ExportConfig) -> int:
             meta["self_check"] = self_check(expected, got, records, dtype_name)
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         cfglib.save(cfg, tmp / "export.yaml")
-        _readable(tmp)
-        _move_into_place(tmp, out)
+        make_readable(tmp)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out} ({dtype_name}); load it with LlavaForConditionalGeneration.from_pretrained({str(out)!r})")

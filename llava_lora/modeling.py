@@ -34,7 +34,8 @@ def part_of(name: str) -> str:
 
 def param_stats(model: torch.nn.Module) -> list[dict[str, Any]]:
     """Total and trainable parameters per part (shared tensors counted once; peft's frozen copy of a
-    ``modules_to_save`` module is not counted, its trained copy is)."""
+    ``modules_to_save`` module is not counted, its trained copy is). An adapter's parameters count as
+    trainable even when it was loaded frozen for inference: they are what fine-tuning trains."""
     rows: dict[str, dict[str, Any]] = {p: {"part": p, "total": 0, "trainable": 0} for p in [*PARTS, "LoRA"]}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -43,7 +44,8 @@ def param_stats(model: torch.nn.Module) -> list[dict[str, Any]]:
         seen.add(id(p))
         row = rows.setdefault(part_of(name), {"part": part_of(name), "total": 0, "trainable": 0})
         row["total"] += p.numel()
-        row["trainable"] += p.numel() if p.requires_grad else 0
+        trained = p.requires_grad or "lora_" in name or ".modules_to_save." in name
+        row["trainable"] += p.numel() if trained else 0
     out = [r for r in rows.values() if r["total"] or r["part"] in PARTS]
     total = sum(r["total"] for r in out)
     trainable = sum(r["trainable"] for r in out)
@@ -73,10 +75,11 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def format_param_stats(rows: list[dict[str, Any]]) -> str:
+def format_param_stats(rows: list[dict[str, Any]], trainable: bool = True) -> str:
     shown = [dict(r, **{"% of all": f"{100 * r['share_of_all']:.2f}%",
                         "% trainable": f"{100 * r['trainable_share']:.2f}%"}) for r in rows]
-    return format_table(shown, ["part", "total", "trainable", "% of all", "% trainable"])
+    columns = ["part", "total", "trainable", "% of all", "% trainable"] if trainable else ["part", "total", "% of all"]
+    return format_table(shown, columns)
 
 
 @contextlib.contextmanager

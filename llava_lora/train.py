@@ -13,7 +13,6 @@ CC3M sample that carry no label.
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from .config import field
 from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
 from .data.records import load_records, resolve_data
 from .errors import UsageError
+from .fsutil import make_readable, move_into_place
 from .modeling import format_param_stats, param_stats, quiet_transformers
 from .prompts import IGNORE_INDEX
 from .runlog import RunLog, plot_loss, write_data_report
@@ -176,9 +176,8 @@ def _save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler,
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        make_readable(tmp)
+        move_into_place(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         done = checkpoints(run_dir)

@@ -49,7 +49,7 @@ IMAGE_DIR = "images_dl"
 
 @dataclass
 class SynthConfig:
-    out: str = field(positional=True, help="output folder (must be empty or new unless --overwrite)")
+    out: str = field(help="output folder (must be empty or new unless --overwrite)")
     n: int = field(600, help="train records (OUT/chat.json)")
     n_test: int = field(100, help="held-out records (OUT/test.json), on images not in train")
     image_size: int = field(64, help="image side in pixels")
