@@ -1,7 +1,7 @@
 """LoRA fine-tuning of a composed LLaVA model on LLaVA-format data.
 
     llava-lora train --model MODEL_DIR --data DATA --out RUN_DIR [--config recipe.yaml] [--resume]
-    torchrun --nproc_per_node 2 -m llava_lora train ...      # DDP (gloo on CPU, NCCL on GPUs)
+    torchrun --standalone --nproc_per_node 2 -m llava_lora train ...   # DDP (gloo on CPU, NCCL on GPUs)
     accelerate launch --config_file fsdp.yaml -m llava_lora train ...
 
 LoRA sits on the language model's attention (q_proj/v_proj by default), the projector is trained in full,
@@ -235,14 +235,16 @@ def _load_model(cfg: TrainConfig, device: str, precision: str):
 
 
 def main(cfg: TrainConfig) -> int:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     run_dir = Path(cfg.out)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = _precision(cfg, device)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
+    # find_unused_parameters: a micro-batch without images leaves the projector without gradients
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     resume_from = _prepare_run_dir(cfg, run_dir, is_main)
     accelerator.wait_for_everyone()
@@ -313,7 +315,9 @@ def main(cfg: TrainConfig) -> int:
             step_loss = torch.zeros((), device=accelerator.device)
             for j, mb in enumerate(micro):
                 if mb["input_ids"] is None:
-                    continue  # every record of this micro-batch was skipped (and reported)
+                    # Every record was skipped (and reported). Under DDP each process must still run a
+                    # forward and backward, so an all-padding batch with no label stands in (zero gradient).
+                    mb = _empty_batch(processor.tokenizer.pad_token_id)
                 sync = accelerator.no_sync(loss_module) if j < accum - 1 else _nullcontext()
                 with sync, accelerator.autocast():
                     loss_sum, _ = loss_module(**{k: mb[k].to(accelerator.device) if mb[k] is not None else None
@@ -364,6 +368,12 @@ def main(cfg: TrainConfig) -> int:
               f"{report['skipped']} records skipped, see {run_dir / 'data_report.json'}")
     accelerator.end_training()
     return 0
+
+
+def _empty_batch(pad_token_id: int) -> dict:
+    ids = torch.full((1, 2), pad_token_id, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
+            "pixel_values": None, "n_samples": 0, "skipped": []}
 
 
 class _nullcontext:
