@@ -289,7 +289,10 @@ def main(cfg: TrainConfig) -> int:
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=device == "cuda")
+        prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=device == "cuda",
+        # its own generator: creating the iterator must not draw from the global RNG that dropout uses,
+        # or a resumed run's dropout masks would be shifted by one draw
+        generator=torch.Generator().manual_seed(cfg.seed))
     log = RunLog(run_dir, rank, is_main, cfg.tensorboard)
     if is_main:
         print(f"training {cfg.model} on {data_file} ({len(records)} records, {len(parse_errors)} rejected) "

@@ -34,9 +34,10 @@ def test_tensors_equal_sources(world: Models, which: str):
     src_llm, model_dir = (world.qwen2, world.qwen_model) if which == "qwen" else (world.llama, world.llama_model)
     model, processor = _load_composed(model_dir)
     llm = AutoModelForCausalLM.from_pretrained(src_llm, dtype="auto")
-    vision = CLIPVisionModel.from_pretrained(world.clip, dtype="auto")
     report = json.loads((model_dir / "build_report.json").read_text())
     state = model.state_dict()
+    # The composed model takes the LLM's dtype (bf16 for Qwen); the fp32 CLIP tower is cast to it.
+    vision = CLIPVisionModel.from_pretrained(world.clip, dtype=model.dtype)
 
     tied = which == "llama"
     assert report["tie_word_embeddings"] is tied

@@ -1,0 +1,367 @@
+"""`llava-lora train`: label masks, LoRA placement, the loss, what a run changes and writes, bad records,
+refusals, resume after a kill, and a 2-process gloo run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from _model_fixtures import FAST, Models, good_data, model_world, quiet
+from data_fixtures import write_bad_dataset
+from llava_lora import cli, prompts, train
+from llava_lora.adapters import apply_lora, wrapped_modules
+from llava_lora.data.records import BadRecord, Record, Turn, load_records
+
+IMAGE_TOKENS = (32 // 8) ** 2
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Models:
+    return model_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return good_data(tmp_path_factory)
+
+
+def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), *FAST, *extra]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# label masks
+# ----------------------------------------------------------------------------------------------------------
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir).image_token_id
+
+
+def _expected(tok, record: Record, image_token_id: int) -> tuple[list[int], list[int]]:
+    """Ids and labels built independently: the rendered ChatML text cut into prompt pieces and
+    'answer<|im_end|>' pieces, each tokenised alone; only the latter are supervised."""
+    text = tok.apply_chat_template(prompts.messages(record), tokenize=False)
+    ids, labels, pos = [], [], 0
+    for turn in record.turns:
+        if turn.role != "assistant":
+            continue
+        answer = f"<|im_start|>assistant\n{turn.text}<|im_end|>"
+        at = text.index(answer, pos) + len("<|im_start|>assistant\n")
+        prompt_ids = tok.encode(text[pos:at], add_special_tokens=False)
+        answer_ids = tok.encode(text[at:at + len(turn.text) + len("<|im_end|>")], add_special_tokens=False)
+        ids += prompt_ids + answer_ids
+        labels += [-100] * len(prompt_ids) + answer_ids
+        pos = at + len(turn.text) + len("<|im_end|>")
+    tail = tok.encode(text[pos:], add_special_tokens=False)
+    ids, labels = ids + tail, labels + [-100] * len(tail)
+    wide_ids, wide_labels = [], []
+    for i, lab in zip(ids, labels):
+        n = IMAGE_TOKENS if i == image_token_id else 1
+        wide_ids += [i] * n
+        wide_labels += [lab] * n
+    return wide_ids, wide_labels
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_label_mask_chatml(world: Models, turns: int):
+    tok, image_id = _tokenizer(world.qwen_model)
+    qa = [Turn("user", "What colour is the square?"), Turn("assistant", "red"),
+          Turn("user", "And its shape?"), Turn("assistant", "a small square")]
+    record = Record("r", "x.png", tuple(qa[:2 * turns]), image_first=True)
+    enc = prompts.encode(tok, record, image_id, IMAGE_TOKENS, max_length=None)
+    ids, labels = _expected(tok, record, image_id)
+    assert enc.input_ids.tolist() == ids
+    assert enc.labels.tolist() == labels
+    # Read back: supervised tokens are exactly each answer and its <|im_end|>.
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    sup = enc.labels != -100
+    assert tok.decode(enc.input_ids[sup]) == "".join(f"{t.text}<|im_end|>" for t in record.turns[1::2])
+    assert (enc.labels[enc.input_ids == image_id] == -100).all() and (enc.input_ids == image_id).sum() == IMAGE_TOKENS
+    ends = np.flatnonzero((enc.input_ids == im_end) & sup)
+    assert len(ends) == turns
+    for e in ends:  # the newline after each supervised <|im_end|> is not supervised
+        assert e + 1 < len(enc.labels) and enc.labels[e + 1] == -100
+    assert (enc.labels[sup] == enc.input_ids[sup]).all()
+
+
+def test_too_long_never_cuts_image_tokens(world: Models):
+    tok, image_id = _tokenizer(world.qwen_model)
+    record = Record("r", "x.png", (Turn("user", "What colour is the square?"), Turn("assistant", "red")), True)
+    full = prompts.encode(tok, record, image_id, IMAGE_TOKENS, max_length=None)
+    image_end = int(np.flatnonzero(full.input_ids == image_id)[-1]) + 1
+    with pytest.raises(BadRecord) as e:
+        prompts.encode(tok, record, image_id, IMAGE_TOKENS, max_length=image_end - 1)
+    assert e.value.reason == "too_long"
+    # Cutting only the trailing text keeps every image token and the answer's start.
+    cut = prompts.encode(tok, record, image_id, IMAGE_TOKENS, max_length=len(full.input_ids) - 1)
+    assert len(cut.input_ids) == len(full.input_ids) - 1
+    assert (cut.input_ids == image_id).sum() == IMAGE_TOKENS
+    assert (cut.labels != -100).any()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA placement and the loss
+# ----------------------------------------------------------------------------------------------------------
+
+def _fp32_model(model_dir: Path):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def test_lora_only_on_language_model_q_v(world: Models):
+    model = _fp32_model(world.qwen_model)
+    names = [n for n, _ in model.named_modules()]
+    assert any(n.startswith("model.vision_tower.") and n.endswith("q_proj") for n in names)  # CLIP has them too
+    expected = sorted(n for n in names if n.startswith("model.language_model.") and n.endswith(("q_proj", "v_proj")))
+    assert len(expected) == 2 * 2
+    peft_model = apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    assert sorted(wrapped_modules(peft_model)) == expected
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable)
+
+
+def test_llava_loss_equals_transformers_loss(world: Models, data: Path):
+    from transformers import AutoProcessor
+
+    from llava_lora.data.dataset import Collator, TrainDataset
+    from llava_lora.data.records import resolve_data
+
+    torch.manual_seed(0)
+    model = _fp32_model(world.qwen_model)
+    processor = AutoProcessor.from_pretrained(world.qwen_model)
+    peft_model = apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():  # make the LoRA path matter (B starts at zero)
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    data_file, root = resolve_data(str(data), None, None)
+    records, _ = load_records(data_file)
+    ds = TrainDataset(records, root, processor, model.config.image_token_id, IMAGE_TOKENS, 2048)
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])  # record 3 is text-only
+    assert batch["pixel_values"].shape[0] == 3 and (batch["attention_mask"] == 0).any()
+    peft_model.eval()
+    with torch.no_grad():
+        loss_sum, count = train.LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                      batch["pixel_values"])
+        ref = peft_model.get_base_model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
+    assert abs(float(loss_sum / count) - float(ref)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one short run, shared by the tests below
+# ----------------------------------------------------------------------------------------------------------
+
+class _Run:
+    dir: Path
+    model_dir: Path
+    before: dict[str, torch.Tensor]
+    after: dict[str, torch.Tensor]
+    trainable: set[str]
+
+
+@pytest.fixture(scope="module")
+def run(world: Models, data: Path, tmp_path_factory) -> _Run:
+    """40 steps at lr 5e-3, checkpoints every 20, TensorBoard on; the in-memory model is captured."""
+    out = _Run()
+    out.dir, out.model_dir = tmp_path_factory.mktemp("run") / "run", world.qwen_model
+    real_apply = train.apply_lora
+
+    def capture(*args, **kwargs):
+        peft_model = real_apply(*args, **kwargs)
+        out.before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+        out.trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+        out.peft_model = peft_model
+        return peft_model
+
+    cfg = train.TrainConfig(model=str(world.qwen_model), data=str(data), out=str(out.dir), max_steps=40,
+                            batch_size=4, learning_rate=5e-3, save_every=20, log_every=5, num_workers=0,
+                            gradient_checkpointing=False, tensorboard=True, lora_dropout=0.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "apply_lora", capture)
+        assert quiet(train.main, cfg) == 0
+    out.after = {n: p.detach().clone() for n, p in out.peft_model.named_parameters()}
+    del out.peft_model
+    return out
+
+
+def test_run_changes_trainable_only(run: _Run):
+    assert run.trainable and all("lora_" in n or "multi_modal_projector" in n for n in run.trainable)
+    for n, before in run.before.items():
+        after = run.after[n]
+        if n in run.trainable:
+            assert not torch.equal(before.float(), after.float()), f"{n} did not change"
+        else:
+            assert after.dtype == before.dtype and torch.equal(before, after), f"frozen {n} changed"
+    frozen = set(run.before) - run.trainable
+    assert any("vision_tower" in n for n in frozen) and any("lm_head" in n for n in frozen)
+    assert any("language_model" in n and "base_layer" in n for n in frozen)
+
+
+def test_run_loss_falls_and_files_written(run: _Run):
+    rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "data_report.json", "adapter_model.safetensors",
+                 "adapter_config.json"):
+        assert (run.dir / name).is_file(), name
+    assert any((run.dir / "tensorboard").iterdir())
+    assert json.loads((run.dir / "data_report.json").read_text())["skipped"] == 0
+
+
+def test_projector_in_every_checkpoint(run: _Run):
+    from safetensors.torch import load_file as load
+
+    base = load(str(run.model_dir / "model.safetensors"))
+    base_proj = {k: v for k, v in base.items() if "multi_modal_projector" in k}
+    assert len(base_proj) == 4  # linear_1/linear_2 weight + bias
+    steps = [s for s, _ in train.checkpoints(run.dir)]
+    assert steps == [20, 40]
+    for step, ckpt in train.checkpoints(run.dir):
+        weights = load(str(ckpt / "adapter_model.safetensors"))
+        proj = {k: v for k, v in weights.items() if "multi_modal_projector" in k}
+        assert len(proj) == len(base_proj), (step, sorted(weights))
+        assert any("lora_A" in k for k in weights) and any("lora_B" in k for k in weights)
+        for k, v in proj.items():  # trained, not the base's copy
+            name = next(b for b in base_proj if k.endswith(b.split("multi_modal_projector.", 1)[1]))
+            assert not torch.equal(v.float(), base_proj[name].float()), (step, k)
+
+
+def test_final_adapter_loads_with_plain_peft(run: _Run):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(run.model_dir), run.dir)
+    got = dict(model.named_parameters())
+    for n, t in run.after.items():
+        if n in run.trainable:
+            # plain from_pretrained loads the bf16 MODEL_DIR in bf16, so the projector comes back in bf16
+            assert n in got and torch.equal(got[n], t.to(got[n].dtype)), n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad records, refusals
+# ----------------------------------------------------------------------------------------------------------
+
+IMAGE_REASONS = {"missing_image", "empty_image", "not_an_image", "truncated_image", "image_path_escapes_root",
+                 "image_too_large"}
+
+
+def test_bad_records_trained_through(world: Models, tmp_path: Path, capsys):
+    data = tmp_path / "data"
+    expected = write_bad_dataset(data)
+    records, _ = load_records(data / "chat.json")
+    steps = math.ceil(len(records) / 4) + 2  # one full pass over every usable record, and a bit
+    rc = cli.main(_train_args(world.qwen_model, data, tmp_path / "run", "--max-steps", str(steps),
+                              "--batch-size", "4", "--save-every", "100"))
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    got = {s["id"]: s["reason"] for s in report["samples"]}
+    assert got == expected
+    for s in report["samples"]:
+        if s["reason"] in IMAGE_REASONS:
+            assert s["when"].startswith("step "), s
+        else:
+            assert s["when"] == "loading", s
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_refuses_existing_run_dir(world: Models, data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: x\n")
+    assert cli.main(_train_args(world.qwen_model, data, out, "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+
+
+def test_unknown_yaml_key_names_closest(world: Models, data: Path, tmp_path: Path, capsys):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump({"learning_rat": 0.01, "max_steps": 1}))
+    assert cli.main(_train_args(world.qwen_model, data, tmp_path / "run", "--config", str(cfg))) == 2
+    err = capsys.readouterr().err
+    assert "learning_rat" in err and "'learning_rate'" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resume after a kill, DDP
+# ----------------------------------------------------------------------------------------------------------
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("dropout", [
+    "0.0",
+    "0.05",  # the default dropout: its masks must follow the restored RNG
+])
+def test_resume_after_kill_matches_uninterrupted(world: Models, data: Path, tmp_path: Path, dropout: str):
+    flags = ["--max-steps", "12", "--save-every", "4", "--batch-size", "4", "--log-every", "1",
+             "--lora-dropout", dropout]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert quiet(cli.main, _train_args(world.qwen_model, data, a, *flags)) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "llava_lora", *_train_args(world.qwen_model, data, b, *flags)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (b.is_dir() and train.checkpoints(b)) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = [s for s, _ in train.checkpoints(b)]
+    assert done and done[-1] < 12 and not (b / "adapter_model.safetensors").exists()
+
+    assert quiet(cli.main, _train_args(world.qwen_model, data, b, *flags, "--resume")) == 0
+    wa, wb = _adapter(a), _adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4, rtol=0), k
+    assert not any(torch.equal(wa[k], _adapter(a / "checkpoint-4")[k]) for k in wa if "lora_B" in k)
+
+
+def _torchrun(model: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+    import socket
+
+    with socket.socket() as sock:  # a free port (torchrun's static rendezvous does not take 0)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+                           "-m", "llava_lora", *_train_args(model, data, out, "--max-steps", "4",
+                                                             "--batch-size", "2", "--save-every", "2")],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_ddp_two_processes_gloo(world: Models, data: Path, tmp_path: Path):
+    """Text-only records are grouped by length into image-less micro-batches: the projector gets no gradient
+    on that rank, which DDP must tolerate."""
+    out = tmp_path / "ddp"
+    proc = _torchrun(world.qwen_model, data, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert [s for s, _ in train.checkpoints(out)] == [2, 4]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in rows)
