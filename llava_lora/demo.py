@@ -33,7 +33,7 @@ from . import prompts
 from .config import field
 from .data.records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
 from .errors import UsageError
-from .inference import GenerationSettings, adapter_switch
+from .inference import GenerationSettings, adapter_switch, prepare_inputs
 from .metrics import exact_match_normalised
 from .modeling import format_param_stats, load_model, param_stats
 
@@ -122,12 +122,7 @@ class Engine:
         return prompts.generation_prompt(self.processor.tokenizer, msgs)
 
     def _inputs(self, prompt: str, image: Image.Image | None):
-        # as inference.answer builds them, so the demo asks exactly what eval asks
-        inputs = self.processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs
+        return prepare_inputs(self.model, self.processor, [prompt], [image])
 
     def stream(self, prompt: str, image: Image.Image | None, settings: GenerationSettings,
                adapter: bool) -> Iterator[str]:

@@ -43,17 +43,24 @@ def adapter_switch(model, enabled: bool):
     return model.disable_adapter()
 
 
-@torch.inference_mode()
-def answer(model, processor, prompts: list[str], images: list[Image.Image | None],
-           settings: GenerationSettings, adapter: bool = True) -> list[str]:
-    """One answer per (templated prompt, image or None), generated as one left-padded batch."""
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
+def prepare_inputs(model, processor, prompts: list[str], images: list[Image.Image | None]):
+    """Left-padded model inputs for templated prompts and their images (None: text-only), on the model's
+    device, pixels in the model's dtype: the one way eval, generate and the demo feed the model."""
+    processor.tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
     with_images = [im for im in images if im is not None]
     inputs = processor(text=prompts, images=with_images or None, padding=True, return_tensors="pt")
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+@torch.inference_mode()
+def answer(model, processor, prompts: list[str], images: list[Image.Image | None],
+           settings: GenerationSettings, adapter: bool = True) -> list[str]:
+    """One answer per (templated prompt, image or None), generated as one left-padded batch."""
+    tokenizer = processor.tokenizer
+    inputs = prepare_inputs(model, processor, prompts, images)
     with adapter_switch(model, adapter):
         out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
     new = out[:, inputs["input_ids"].shape[1]:]

@@ -54,7 +54,8 @@ def main(cfg: QuickstartConfig) -> int:
     _step("1/5 tiny source checkpoints (random weights, tokenizer trained here)")
     sources = out / "sources"
     tiny.tiny_qwen2(sources / "qwen2")
-    tiny.tiny_clip(sources / "clip")
+    # 64 px / patch 8 (64 image tokens): at 32 px the shapes of the 64 px synthetic images blur away
+    tiny.tiny_clip(sources / "clip", image_size=64, patch_size=8)
     print(f"wrote {sources}/qwen2 and {sources}/clip")
 
     _step("2/5 llava-lora build")
