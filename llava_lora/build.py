@@ -27,10 +27,7 @@ from . import __version__, templates
 from .config import field
 from .errors import UsageError
 from .fsutil import make_readable, move_into_place
-from .modeling import format_param_stats, format_table, param_stats, quiet_transformers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from .modeling import format_param_stats, format_table, param_stats, quiet_transformers, resolve_dtype
 
 @dataclass
 class BuildConfig:
@@ -151,7 +148,7 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
                          f"{tokenizer.convert_tokens_to_ids(cfg.image_token)}); pick another with --image-token")
     src_dtype = getattr(llm_cfg, "dtype", None) or torch.float32
     src_dtype = getattr(torch, src_dtype) if isinstance(src_dtype, str) else src_dtype
-    dtype = src_dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    dtype = src_dtype if cfg.dtype == "auto" else resolve_dtype(cfg.dtype)
 
     with quiet_transformers():  # CLIPModel's text tower is skipped on purpose: no "UNEXPECTED keys" table
         llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)

@@ -103,8 +103,8 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype | str:
-    """``auto`` keeps the checkpoint's dtype, except bf16/fp16 weights on a CPU run in float32 (faster there)."""
+def resolve_dtype(name: str) -> torch.dtype | str:
+    """A dtype name as torch's dtype; ``auto`` stays "auto" (the checkpoint's own dtype)."""
     if name == "auto":
         return "auto"
     try:
@@ -128,7 +128,7 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
         raise UsageError(f"MODEL_DIR {model_dir} is not a model folder (no config.json); make one with "
                          "`llava-lora build`")
     device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype)
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
     if device == "cpu" and dtype == "auto" and model.dtype in (torch.float16, torch.bfloat16):

@@ -12,6 +12,7 @@ CC3M sample that carry no label.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -32,7 +33,7 @@ from .data.records import load_records, resolve_data
 from .errors import UsageError
 from .fsutil import make_readable, move_into_place
 from .modeling import format_param_stats, param_stats, quiet_transformers
-from .prompts import IGNORE_INDEX
+from .prompts import IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
 CONFIG_FILE = "config.yaml"
@@ -267,7 +268,7 @@ def main(cfg: TrainConfig) -> int:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
-    image_tokens = int(model.config.image_seq_length)
+    image_tokens = image_tokens_per_image(model.config)
     dataset = TrainDataset(records, image_root, processor, model.config.image_token_id, image_tokens,
                            cfg.max_length)
     lora_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -321,7 +322,7 @@ def main(cfg: TrainConfig) -> int:
                     # Every record was skipped (and reported). Under DDP each process must still run a
                     # forward and backward, so an all-padding batch with no label stands in (zero gradient).
                     mb = _empty_batch(processor.tokenizer.pad_token_id)
-                sync = accelerator.no_sync(loss_module) if j < accum - 1 else _nullcontext()
+                sync = accelerator.no_sync(loss_module) if j < accum - 1 else contextlib.nullcontext()
                 with sync, accelerator.autocast():
                     loss_sum, _ = loss_module(**{k: mb[k].to(accelerator.device) if mb[k] is not None else None
                                                  for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
@@ -378,10 +379,3 @@ def _empty_batch(pad_token_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
             "pixel_values": None, "n_samples": 0, "skipped": []}
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
