@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/eval_batching.py          # ~1.5 min on 2 idle CPU cores; --samples 8 for a quick look
 
-Model: the ``proportional`` shape of the performance issue, random weights built here (no download): a Qwen2
-LM of hidden 512, 8 layers, intermediate 1376, vocab 8192 (rows padded beyond the tiny BPE tokenizer, as
-Qwen pads its own), and a CLIP tower of image 336 / patch 14 (576 image tokens), hidden 256, 4 layers, composed
-by ``llava-lora build``. Samples: synthetic shape questions, one image each, so every prompt is ~620 tokens and
-prefill dominates on a CPU. Both runs go through ``evaluate.predict``, the code path of ``llava-lora eval``,
-on the same samples, after an untimed warm-up of both (the first call of a shape builds its kernels). The
-machine may be shared: the two runs alternate ``--rounds`` times and the fastest time of each counts. Prints
-samples/s for both, their ratio (target >= 1.5x) and whether the greedy answers are identical.
+Model: the ``proportional`` shape (benchmarks/shapes/proportional.yaml), random weights built here (no
+download): a Qwen2 LM of hidden 512, 8 layers, intermediate 1376, vocab 8192 (rows padded beyond the tiny BPE
+tokenizer, as Qwen pads its own), and a CLIP tower of image 336 / patch 14 (576 image tokens), hidden 256,
+4 layers, composed by ``llava-lora build``. Samples: synthetic shape questions, one image each, so every prompt
+is ~620 tokens and prefill dominates on a CPU. Both runs go through ``evaluate.predict``, the code path of
+``llava-lora eval``, on the same samples, after an untimed warm-up of both (the first call of a shape builds its
+kernels). The machine may be shared: the two runs alternate ``--rounds`` times and the fastest time of each
+counts. Prints samples/s for both, their ratio (target >= 1.5x) and whether the greedy answers are identical.
 """
 
 from __future__ import annotations
@@ -24,44 +24,12 @@ from pathlib import Path
 
 import torch
 
-from llava_lora import build, evaluate, tiny
+from llava_lora import evaluate
 from llava_lora.data import synth
 from llava_lora.data.records import load_records, resolve_data
 from llava_lora.inference import GenerationSettings
 from llava_lora.modeling import load_model
-
-PROPORTIONAL = {
-    "llm": dict(hidden_size=512, num_layers=8, intermediate_size=1376, vocab_size=8192, heads=4, kv_heads=4),
-    "vision": dict(image_size=336, patch_size=14, hidden_size=256, num_layers=4),
-}
-
-
-def proportional_qwen2(out: Path, hidden_size: int, num_layers: int, intermediate_size: int, vocab_size: int,
-                       heads: int, kv_heads: int, seed: int = 0) -> Path:
-    """A randomly initialised Qwen2 chat LM of the given shape, with llava_lora.tiny's ChatML tokenizer (fp32)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    tok = tiny.qwen2_tokenizer()
-    assert vocab_size > len(tok)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                      num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.02,
-                      bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    ends = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(eos_token_id=ends, pad_token_id=ends[1], bos_token_id=None)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def make_model(root: Path) -> Path:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        llm = proportional_qwen2(root / "qwen2", **PROPORTIONAL["llm"])
-        vision = tiny.tiny_clip(root / "clip", **PROPORTIONAL["vision"])
-        build.main(build.BuildConfig(llm=str(llm), vision=str(vision), out=str(root / "model")))
-    return root / "model"
+from workloads import make_model
 
 
 def timed(model, processor, records, root, settings, batch_size: int) -> tuple[list[str], float]:
@@ -84,7 +52,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="eval_batching-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        model_dir = make_model(root)
+        model_dir = make_model(root, "proportional")
         with contextlib.redirect_stdout(io.StringIO()):
             synth.main(synth.SynthConfig(out=str(root / "data"), n=1, n_test=args.samples + args.batch_size))
         file, image_root = resolve_data(root / "data", "test")

@@ -7,12 +7,15 @@
 LoRA sits on the language model's attention (q_proj/v_proj by default), the projector is trained in full,
 the vision tower is frozen and run without autograd. The loss is computed from the hidden states of the
 supervised positions only: the lm_head never produces logits for the ~600 image and prompt positions of a
-CC3M sample that carry no label.
+CC3M sample that carry no label. Right-padded batches run without an attention mask (the causal kernels' path).
+On a GPU: flash attention, Liger's fused loss, torch.compile and 4-bit QLoRA (``--attn-implementation``,
+``--fused-loss``, ``--compile``, ``--quantize``), each refused at start where it cannot apply.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import random
 import shutil
@@ -78,7 +81,18 @@ class TrainConfig:
     seed: int = field(42, help="seed of the data order, LoRA init and dropout")
     num_workers: int = field(2, help="DataLoader worker processes (image decoding, tokenisation)")
     device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
+    num_threads: int | None = field(None, help="CPU threads for the model's kernels (default: torch's, one per "
+                                               "core); 1 can be faster for tiny models beside a data worker")
     tensorboard: bool = field(True, help="write TensorBoard event files to RUN_DIR/tensorboard")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = field(
+        "auto", help="attention kernels; auto: flash_attention_2 on a GPU where the flash_attn package is installed, "
+                     "else sdpa")
+    fused_loss: Literal["auto", "on", "off"] = field(
+        "auto", help="Liger's fused linear cross-entropy for the lm_head and the loss (GPU, liger-kernel package); "
+                     "auto: where available")
+    compile: bool = field(False, help="torch.compile the language model (the first steps compile)")
+    quantize: Literal["none", "4bit"] = field(
+        "none", help="QLoRA: load the language model in 4-bit NF4 through bitsandbytes (GPU only)")
 
     def __post_init__(self):
         checks = [
@@ -89,10 +103,58 @@ class TrainConfig:
             (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
             (self.save_every > 0 and self.log_every > 0, "save_every and log_every must be positive"),
             (self.max_length > 0, "max_length must be positive"), (self.num_workers >= 0, "num_workers >= 0"),
+            (self.num_threads is None or self.num_threads > 0, "num_threads must be positive"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fast path: options resolved against the device and the installed packages, at start
+# --------------------------------------------------------------------------------------------------------
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def resolve_attn_implementation(choice: str, device: str) -> str:
+    """The transformers ``attn_implementation`` of ``--attn-implementation`` on ``device``."""
+    if choice == "auto":
+        return "flash_attention_2" if device == "cuda" and _installed("flash_attn") else "sdpa"
+    if choice == "flash_attention_2" and (device != "cuda" or not _installed("flash_attn")):
+        raise UsageError("--attn-implementation flash_attention_2 needs a CUDA device and the flash-attn package "
+                         "(pip install flash-attn); use sdpa")
+    return choice
+
+
+def resolve_fused_loss(choice: str, device: str) -> bool:
+    """Whether the loss uses Liger's fused linear cross-entropy (Triton kernels: CUDA only)."""
+    available = device == "cuda" and _installed("liger_kernel")
+    if choice == "on" and not available:
+        raise UsageError("--fused-loss on needs a CUDA device and the liger-kernel package (pip install "
+                         "liger-kernel); use --fused-loss off")
+    return available if choice == "auto" else choice == "on"
+
+
+def check_quantize(choice: str, device: str) -> None:
+    """4-bit loading is bitsandbytes' CUDA kernels: refuse it up front elsewhere, never ignore it."""
+    if choice == "4bit" and device != "cuda":
+        raise UsageError(f"--quantize 4bit needs a CUDA device (bitsandbytes' 4-bit kernels); this run is on "
+                         f"{device}: use --quantize none")
+    if choice == "4bit" and not _installed("bitsandbytes"):
+        raise UsageError("--quantize 4bit needs the bitsandbytes package (pip install bitsandbytes)")
+
+
+def _model_inputs(mb: dict, device) -> dict:
+    """The batch on ``device``. A right-padded batch goes without its attention mask: under causal attention no
+    real token sees a pad that follows it, so the mask changes nothing the loss reads, while without one the
+    attention kernels take their causal path (no [B, 1, T, T] mask built, blocks above the diagonal skipped)."""
+    mask = mb["attention_mask"]
+    right_padded = not bool((mask[:, 1:] > mask[:, :-1]).any())  # no pad before a real token, on the CPU batch
+    out = {k: mb[k].to(device) if mb[k] is not None else None for k in ("input_ids", "labels", "pixel_values")}
+    out["attention_mask"] = None if right_padded else mask.to(device)
+    return out
 
 
 class LlavaLoss(torch.nn.Module):
@@ -100,10 +162,11 @@ class LlavaLoss(torch.nn.Module):
 
     The same computation as ``LlavaForConditionalGeneration(labels=...)``, rearranged: the frozen vision
     tower runs under ``no_grad``, and the lm_head and the loss see only the positions whose next token is
-    supervised. One module, so DDP/FSDP wrap the whole step.
+    supervised (with ``fused_loss``, Liger's kernel computes them chunk by chunk, never all the logits at once).
+    One module, so DDP/FSDP wrap the whole step.
     """
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, fused_loss: bool = False):
         super().__init__()
         self.peft_model = peft_model
         llava = peft_model.get_base_model()
@@ -111,6 +174,11 @@ class LlavaLoss(torch.nn.Module):
         if not isinstance(layer, int) or llava.config.vision_feature_select_strategy != "default":
             raise UsageError("training supports one vision feature layer with the 'default' strategy")
         self.feature_layer = layer
+        self.fused = None
+        if fused_loss:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            self.fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None):
         llava = self.peft_model.get_base_model()
@@ -127,7 +195,11 @@ class LlavaLoss(torch.nn.Module):
                                             use_cache=False).last_hidden_state  # [B, T, D]
         targets = labels[:, 1:]  # position t predicts token t + 1
         supervised = targets != IGNORE_INDEX  # [B, T-1]
-        logits = llava.lm_head(hidden[:, :-1][supervised]).float()  # [N_sup, V]
+        hidden = hidden[:, :-1][supervised]  # [N_sup, D]
+        if self.fused is not None:
+            loss = self.fused(llava.lm_head.weight, hidden, targets[supervised], llava.lm_head.bias)
+            return (loss[0] if isinstance(loss, tuple) else loss), supervised.sum()
+        logits = llava.lm_head(hidden).float()  # [N_sup, V]
         return F.cross_entropy(logits, targets[supervised], reduction="sum"), supervised.sum()
 
 
@@ -220,7 +292,18 @@ def _estimated_lengths(records, image_tokens: int) -> list[int]:
     return [(image_tokens if r.image else 0) + sum(len(t.text) for t in r.turns) * 2 // 7 for r in records]
 
 
-def _load_model(cfg: TrainConfig, device: str, precision: str):
+def _quantization_config(dtype: torch.dtype):
+    """QLoRA's recipe: NF4 with double quantisation for the language model; the vision tower, projector and
+    lm_head keep their precision (the projector trains in full, the tower is small and sees no LoRA)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+
+
+def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementation: str = "sdpa",
+                gpu_index: int = 0):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model_dir = Path(cfg.model)
@@ -230,8 +313,12 @@ def _load_model(cfg: TrainConfig, device: str, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if device == "cpu":
         dtype = torch.float32  # CPU autocast handles bf16 compute; fp32 weights keep the CPU kernels fast
+    kwargs = {}
+    if cfg.quantize == "4bit":  # quantised on loading, onto this process's GPU (a 4-bit model is not moved after)
+        kwargs = {"quantization_config": _quantization_config(dtype), "device_map": {"": gpu_index}}
     with quiet_transformers():
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype,
+                                                              attn_implementation=attn_implementation, **kwargs)
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
@@ -243,6 +330,10 @@ def main(cfg: TrainConfig) -> int:
     run_dir = Path(cfg.out)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = _precision(cfg, device)
+    # refused here, before RUN_DIR is touched or a model loaded: an option that cannot apply is never ignored
+    check_quantize(cfg.quantize, device)
+    attn_implementation = resolve_attn_implementation(cfg.attn_implementation, device)
+    fused_loss = resolve_fused_loss(cfg.fused_loss, device)
     # find_unused_parameters: a micro-batch without images leaves the projector without gradients
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -258,9 +349,11 @@ def main(cfg: TrainConfig) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfglib.save(cfg, run_dir / CONFIG_FILE)
 
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, processor = _load_model(cfg, device, precision)
+    model, processor = _load_model(cfg, device, precision, attn_implementation, accelerator.local_process_index)
     if cfg.gradient_checkpointing:
         model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
@@ -268,6 +361,8 @@ def main(cfg: TrainConfig) -> int:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
+    if cfg.compile:  # in place, so parameter names (and so checkpoints) stay those of the plain model
+        model.model.language_model.compile(dynamic=None)
     image_tokens = image_tokens_per_image(model.config)
     dataset = TrainDataset(records, image_root, processor, model.config.image_token_id, image_tokens,
                            cfg.max_length)
@@ -281,7 +376,7 @@ def main(cfg: TrainConfig) -> int:
                               optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
                               num_training_steps=cfg.max_steps)
     start_step = _load_checkpoint(resume_from, peft_model, optimizer, scheduler) if resume_from else 0
-    loss_module, optimizer = accelerator.prepare(LlavaLoss(peft_model), optimizer)
+    loss_module, optimizer = accelerator.prepare(LlavaLoss(peft_model, fused_loss), optimizer)
 
     accum = cfg.gradient_accumulation_steps
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, start=start_step * accum, rank=rank,
@@ -298,8 +393,9 @@ def main(cfg: TrainConfig) -> int:
     if is_main:
         print(f"training {cfg.model} on {data_file} ({len(records)} records, {len(parse_errors)} rejected) "
               f"-> {run_dir}")
-        print(f"device {device} x{world}, precision {precision}, LoRA r={cfg.lora_r} on "
-              f"{len(wrapped_modules(peft_model))} modules; "
+        print(f"device {device} x{world}, precision {precision}, attention {attn_implementation}, fused loss "
+              f"{'on' if fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize {cfg.quantize}; "
+              f"LoRA r={cfg.lora_r} on {len(wrapped_modules(peft_model))} modules; "
               + (f"resuming from {resume_from.name}" if resume_from else "starting fresh"))
         print(format_param_stats(param_stats(peft_model)))
 
@@ -324,8 +420,7 @@ def main(cfg: TrainConfig) -> int:
                     mb = _empty_batch(processor.tokenizer.pad_token_id)
                 sync = accelerator.no_sync(loss_module) if j < accum - 1 else contextlib.nullcontext()
                 with sync, accelerator.autocast():
-                    loss_sum, _ = loss_module(**{k: mb[k].to(accelerator.device) if mb[k] is not None else None
-                                                 for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
+                    loss_sum, _ = loss_module(**_model_inputs(mb, accelerator.device))
                     # Token mean over the whole global batch; DDP averages gradients over processes.
                     loss = loss_sum / global_supervised * world
                 accelerator.backward(loss)
@@ -346,8 +441,8 @@ def main(cfg: TrainConfig) -> int:
                 elapsed = time.perf_counter() - window["time"]
                 row = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr,
                        "grad_norm": float(grad_norm), "samples_per_s": window["samples"] * world / elapsed,
-                       "tokens_per_s": window["tokens"] * world / elapsed, "epoch": step * accum * cfg.batch_size
-                       * world / len(records)}
+                       "tokens_per_s": window["tokens"] * world / elapsed, "step_time": elapsed / window["steps"],
+                       "epoch": step * accum * cfg.batch_size * world / len(records)}
                 log.metrics(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
                 window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}

@@ -1,0 +1,162 @@
+"""`llava-lora train`'s fast-path options: each resolves against the device and the installed packages at start,
+and one that cannot apply is refused with a one-line error, never ignored. The dropped attention mask of a
+right-padded batch changes no loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _model_fixtures import Models, good_data, model_world, quiet
+from llava_lora import cli, train
+from llava_lora.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Models:
+    return model_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return good_data(tmp_path_factory)
+
+
+def _packages(monkeypatch, *installed: str) -> None:
+    """Pretend exactly ``installed`` of the optional packages are importable."""
+    monkeypatch.setattr(train, "_installed", lambda name: name in installed)
+
+
+def test_quantize_4bit_on_cpu_is_one_line_usage_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(out),
+                   "--quantize", "4bit", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("llava-lora train: error: --quantize 4bit needs a CUDA device")
+    assert not out.exists()  # refused before RUN_DIR is touched
+
+
+def test_quantize_4bit_needs_bitsandbytes(monkeypatch):
+    _packages(monkeypatch)
+    with pytest.raises(UsageError, match="bitsandbytes"):
+        train.check_quantize("4bit", "cuda")
+    _packages(monkeypatch, "bitsandbytes")
+    train.check_quantize("4bit", "cuda")
+    train.check_quantize("none", "cpu")
+
+
+@pytest.mark.parametrize("choice, device, installed, expected", [
+    ("auto", "cpu", ("flash_attn",), "sdpa"),  # flash-attn kernels are CUDA's
+    ("auto", "cuda", ("flash_attn",), "flash_attention_2"),
+    ("auto", "cuda", (), "sdpa"),
+    ("sdpa", "cuda", ("flash_attn",), "sdpa"),
+    ("eager", "cpu", (), "eager"),
+    ("flash_attention_2", "cuda", ("flash_attn",), "flash_attention_2"),
+])
+def test_attn_implementation_resolution(monkeypatch, choice, device, installed, expected):
+    _packages(monkeypatch, *installed)
+    assert train.resolve_attn_implementation(choice, device) == expected
+
+
+@pytest.mark.parametrize("device, installed", [("cpu", ("flash_attn",)), ("cuda", ())])
+def test_flash_attention_where_it_cannot_run_is_refused(monkeypatch, device, installed):
+    _packages(monkeypatch, *installed)
+    with pytest.raises(UsageError, match="flash_attention_2 needs a CUDA device and the flash-attn package"):
+        train.resolve_attn_implementation("flash_attention_2", device)
+
+
+@pytest.mark.parametrize("choice, device, installed, expected", [
+    ("auto", "cpu", ("liger_kernel",), False),  # Triton kernels: CUDA only
+    ("auto", "cuda", ("liger_kernel",), True),
+    ("auto", "cuda", (), False),
+    ("off", "cuda", ("liger_kernel",), False),
+    ("on", "cuda", ("liger_kernel",), True),
+])
+def test_fused_loss_resolution(monkeypatch, choice, device, installed, expected):
+    _packages(monkeypatch, *installed)
+    assert train.resolve_fused_loss(choice, device) is expected
+
+
+@pytest.mark.parametrize("device, installed", [("cpu", ("liger_kernel",)), ("cuda", ())])
+def test_fused_loss_on_without_liger_is_refused(monkeypatch, device, installed):
+    _packages(monkeypatch, *installed)
+    with pytest.raises(UsageError, match="--fused-loss on needs a CUDA device and the liger-kernel package"):
+        train.resolve_fused_loss("on", device)
+
+
+def test_fused_loss_on_cpu_from_the_command_line(tmp_path, capsys):
+    rc = cli.main(["train", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"),
+                   "--fused-loss", "on", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--fused-loss on needs" in err
+
+
+def test_mask_dropped_only_for_right_padding():
+    ids = torch.ones(2, 4, dtype=torch.long)
+    right = {"input_ids": ids, "labels": ids, "pixel_values": None,
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert train._model_inputs(right, "cpu")["attention_mask"] is None
+    left = dict(right, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    assert torch.equal(train._model_inputs(left, "cpu")["attention_mask"], left["attention_mask"])
+
+
+def test_loss_without_mask_equals_masked_loss(world: Models, data: Path):
+    """A padded batch (one text-only record is shorter): the loss and every gradient come out the same."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_lora.adapters import apply_lora
+    from llava_lora.data.dataset import Collator, TrainDataset
+    from llava_lora.data.records import load_records, resolve_data
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration.from_pretrained(world.qwen_model, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(world.qwen_model)
+    peft_model = apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():  # make the LoRA path matter (B starts at zero)
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    data_file, root = resolve_data(str(data), None, None)
+    records, _ = load_records(data_file)
+    ds = TrainDataset(records, root, processor, model.config.image_token_id, 16, 2048)
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
+    assert (batch["attention_mask"] == 0).any()
+    loss_module = train.LlavaLoss(peft_model)
+    results = []
+    for mask in (batch["attention_mask"], None):
+        peft_model.zero_grad()
+        loss_sum, count = loss_module(batch["input_ids"], mask, batch["labels"], batch["pixel_values"])
+        (loss_sum / count).backward()
+        results.append((float(loss_sum.detach()), {n: p.grad.clone() for n, p in peft_model.named_parameters()
+                                          if p.requires_grad}))
+    (masked, g_masked), (unmasked, g_unmasked) = results
+    assert abs(masked - unmasked) < 1e-4 * abs(masked)
+    for n in g_masked:
+        torch.testing.assert_close(g_unmasked[n], g_masked[n], rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_rows_carry_step_time(world: Models, data: Path, tmp_path):
+    out = tmp_path / "run"
+    cfg = train.TrainConfig(model=str(world.qwen_model), data=str(data), out=str(out), max_steps=2, batch_size=4,
+                            log_every=1, save_every=100, num_workers=0, gradient_checkpointing=False,
+                            tensorboard=False, attn_implementation="sdpa", fused_loss="auto")
+    assert quiet(train.main, cfg) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["step_time"] > 0 and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_fast_path_flags_on_the_command_line():
+    from llava_lora import config as cfglib
+
+    parser, leaves = cli._parser()
+    cfglib.add_arguments(leaves["train"], train.TrainConfig)
+    args = parser.parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--attn-implementation", "eager",
+                              "--fused-loss", "off", "--compile", "--quantize", "none"])
+    cfg = cfglib.resolve(train.TrainConfig, args)
+    assert (cfg.attn_implementation, cfg.fused_loss, cfg.compile, cfg.quantize) == ("eager", "off", True, "none")
