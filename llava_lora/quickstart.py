@@ -22,6 +22,7 @@ from .errors import UsageError
 # The training recipe: a tiny random LM needs a higher learning rate and LoRA on every linear layer to learn
 # the synthetic task in a couple of minutes (see the file's header).
 RECIPE_FILE = Path(__file__).parent / "recipes" / "quickstart.yaml"
+TRAIN_IMAGES, TEST_IMAGES = 3000, 200  # the held-out figure is over 200 questions, 50 of each kind
 
 
 def recipe() -> dict:
@@ -62,7 +63,7 @@ def main(cfg: QuickstartConfig) -> int:
     build.main(build.BuildConfig(llm=str(sources / "qwen2"), vision=str(sources / "clip"), out=str(out / "model")))
 
     _step("3/5 llava-lora data synth")
-    synth.main(synth.SynthConfig(out=str(out / "data")))
+    synth.main(synth.SynthConfig(out=str(out / "data"), n=TRAIN_IMAGES, n_test=TEST_IMAGES))
 
     _step("4/5 llava-lora train")
     steps = dict(recipe())

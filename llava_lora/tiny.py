@@ -100,6 +100,14 @@ def llama_tokenizer(bpe_size: int = 448):
     return tok
 
 
+# A trained LM's logits span tens of nats. Drawn at the 0.1 initialiser, a random untied lm_head row reaches a
+# logit of at most ~0.1 * hidden (6 at hidden 64, the final norm fixing |h| = sqrt(hidden)) against ~hundreds of
+# others near 0, so the frozen tiny model could never put more than ~40% on any token: its loss floors near 1
+# nat per token and that floor's gradient drowns what the answers still have to learn. Rows drawn with std 0.5
+# lift the ceiling well past certainty. (A tied head shares the embedding rows and keeps the initialiser's.)
+LM_HEAD_STD = 0.5
+
+
 def _pad64(n: int) -> int:
     return (n + 63) // 64 * 64
 
@@ -117,7 +125,10 @@ def tiny_qwen2(out: Path, tie_word_embeddings: bool = False, hidden_size: int = 
         bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg).to(dtype)
+    model = Qwen2ForCausalLM(cfg)
+    if not tie_word_embeddings:
+        torch.nn.init.normal_(model.lm_head.weight, std=LM_HEAD_STD)
+    model = model.to(dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None)
@@ -148,6 +159,25 @@ def tiny_llama(out: Path, tie_word_embeddings: bool = True, hidden_size: int = 6
     return out
 
 
+# A trained CLIP tower knows where each patch is: its position embeddings vary smoothly in 2-D and are about as
+# large as the patch features. Drawn at the 0.02 initialiser they are noise ~15x weaker than the patches, and a
+# frozen tiny tower is all but blind to where things are (a model trained on it never learns left from right).
+# They start instead as the fixed 2-D sin-cos embeddings of ViT/MAE, with this standard deviation.
+POSITION_STD = 0.3
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] 2-D sin-cos position embeddings (MAE's): half the channels code the row, half the column."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def code(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.flatten()[:, None].float() * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1)
+
+
 def tiny_clip(out: Path, image_size: int = 32, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
               seed: int = 0) -> Path:
     """A full CLIPModel (text + vision) with its CLIPImageProcessor, as openai's checkpoints are saved."""
@@ -161,7 +191,14 @@ def tiny_clip(out: Path, image_size: int = 32, patch_size: int = 8, hidden_size:
         projection_dim=hidden_size,
     )
     torch.manual_seed(seed)
-    CLIPModel(cfg).save_pretrained(out)
+    model = CLIPModel(cfg)
+    table = model.vision_model.embeddings.position_embedding.weight  # [1 + grid^2, hidden]: CLS first
+    grid = image_size // patch_size
+    with torch.no_grad():
+        pos = sincos_2d(grid, hidden_size)
+        table[0] = 0.0
+        table[1:] = pos * (POSITION_STD / pos.std())
+    model.save_pretrained(out)
     CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                           do_center_crop=True).save_pretrained(out)
     return out

@@ -377,7 +377,7 @@ def test_synth_records_are_learnable_questions(tmp_path):
     assert answers[synth.QUESTIONS["position"]] <= set(synth.POSITIONS)
     assert answers[synth.QUESTIONS["size"]] <= set(synth.SIZES)
     assert {r.image_first for r in train} == {True, False}
-    assert {len(r.turns) for r in train} == {2, 4}
+    assert {len(r.turns) for r in train} == {2, 2 * len(synth.QUESTIONS)}
     file, root = resolve_data(str(tmp_path))
     assert root == tmp_path / "images_dl" and check.check_file(file, root, workers=1, progress=False).bad == []
 

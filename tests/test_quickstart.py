@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llava_lora import cli
+from llava_lora import cli, quickstart
 
 
 def test_quickstart_writes_every_stage(tmp_path: Path, capsys):
@@ -18,6 +18,6 @@ def test_quickstart_writes_every_stage(tmp_path: Path, capsys):
     assert (out / "data" / "chat.json").is_file() and (out / "data" / "test.json").is_file()
     assert (out / "run" / "adapter_model.safetensors").is_file() and (out / "run" / "checkpoint-20").is_dir()
     summary = json.loads((out / "run" / "eval-test" / "summary.json").read_text())
-    assert summary["samples"] == 100 and set(summary["metrics"]) == {"base", "finetuned"}
+    assert summary["samples"] == quickstart.TEST_IMAGES and set(summary["metrics"]) == {"base", "finetuned"}
     # a second run refuses to overwrite without --overwrite
     assert cli.main(["quickstart", "--out", str(out), "--max-steps", "20"]) == 2

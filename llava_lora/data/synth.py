@@ -8,6 +8,10 @@ on a light background. Each question has a one- or two-word answer:
     "What colour is the shape?" -> "red"        "What shape is this?" -> "circle"
     "Where is the shape?" -> "top left"         "Is the shape large or small?" -> "large"
 
+Each train record asks all four questions about its image, in a random order (multi-turn: every image teaches
+four answers for the price of one image encoding); one in eight asks a single question, as CC3M's records do.
+Each held-out record asks one question, the four in turn.
+
 Layout (as CC3M-595K): ``OUT/chat.json`` (train), ``OUT/test.json`` (held out), ``OUT/images_dl/*.png``,
 and ``OUT/synth.yaml`` (the config that wrote it). The same seed writes byte-identical files.
 """
@@ -36,6 +40,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
+# side of a shape's bounding box, as a fraction of its quadrant, by size
+SIDES = {"small": (0.35, 0.5), "large": (0.7, 0.9)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS: dict[str, str] = {
     "colour": "What colour is the shape?",
@@ -43,7 +49,7 @@ QUESTIONS: dict[str, str] = {
     "position": "Where is the shape?",
     "size": "Is the shape large or small?",
 }
-MULTI_TURN_EVERY = 8  # one train record in 8 asks two questions about its image
+SINGLE_TURN_EVERY = 8  # one train record in 8 asks one question; the others ask all four
 IMAGE_DIR = "images_dl"
 
 
@@ -93,8 +99,7 @@ def draw(scene: Scene, size: int) -> Any:
 
     img = Image.new("RGB", (size, size), scene.bg)
     half = size / 2
-    # side of the shape's bounding box, as a fraction of the quadrant: small 0.35-0.5, large 0.7-0.9
-    lo, hi = (0.35, 0.5) if scene.size == "small" else (0.7, 0.9)
+    lo, hi = SIDES[scene.size]
     side = half * (lo + (hi - lo) * scene.scale)
     free = (half - side) / 2 - 1  # room to move without leaving the quadrant
     qx = half * (1.5 if scene.position.endswith("right") else 0.5)
@@ -145,11 +150,12 @@ def _split(name: str, n: int, rng: random.Random, seen: set[bytes], image_dir: P
         seen.add(digest)
         rid = f"synth_{name}_{i:06d}"
         img.save(image_dir / f"{rid}.png", format="PNG")
-        if multi_turn and i % MULTI_TURN_EVERY == MULTI_TURN_EVERY - 1:
-            asked = rng.sample(kinds, 2)
+        if not multi_turn:  # held out: the four questions in turn, so each is measured on equal numbers
+            asked = [kinds[i % len(kinds)]]
+        elif i % SINGLE_TURN_EVERY == SINGLE_TURN_EVERY - 1:
+            asked = [rng.choice(kinds)]
         else:
-            # held out: the four questions in turn, so accuracy per question is measured on equal numbers
-            asked = [rng.choice(kinds)] if multi_turn else [kinds[i % len(kinds)]]
+            asked = rng.sample(kinds, len(kinds))
         out.append(make_record(rid, f"{rid}.png", scene, asked, image_first=rng.random() < 0.5))
     return out
 
