@@ -33,7 +33,7 @@ Numbers: ``--warmup`` untimed steps, then ``--steps`` timed ones between two ``t
 samples/s and tokens/s (real tokens); peak memory = ``torch.cuda.max_memory_allocated`` over the steps (weights,
 optimizer state and activations; the reserved peak is printed beside it, the CUDA context is in neither), in GiB.
 MFU = model FLOPs per step / step time / the bf16 matmul FLOP/s measured here on an 8192^3 matmul (measured, not
-the spec sheet's number). Model FLOPs are what the step needs (see ``step_flops``); hardware FLOPs add what the
+the spec sheet's number). Model FLOPs are what the step needs (``workloads.step_flops``); hardware FLOPs add what the
 code also executes: padded positions, the vision tower's last layer (its output is never used), and with gradient
 checkpointing the recomputed forward of the language model. MFU is reported on model FLOPs, HFU on hardware FLOPs.
 
@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from llava_lora.prompts import IGNORE_INDEX
+from workloads import step_flops
 
 NO_GPU = ("gpu_train: no CUDA GPU present (torch.cuda.is_available() is False); this benchmark needs one. "
           "Nothing measured.")
@@ -254,81 +255,12 @@ def synthetic_batch(s: Shape, batch_size: int, seed: int) -> dict:
             "images": batch_size, "image_tokens": s.patches}
 
 
-def vision_layers_needed(s: Shape) -> int:
-    """Layers of the tower the features come from: hidden_states[k] is the output of layer k (0 = embeddings)."""
-    layer = VISION_FEATURE_LAYER
-    return layer if layer >= 0 else s.v_layers + 1 + layer
-
-
-def step_flops(s: Shape, lengths: list[int], supervised: int, images: int, r: int, vision_layers: int,
-               recompute: bool = False) -> dict[str, int]:
-    """FLOPs of one training step of LlavaLoss (forward + backward), matmuls only, term by term.
-
-    A matmul [m, k] x [k, n] costs 2·m·n·k FLOPs (one multiply and one add per product). Norms, rotary, softmax,
-    activations, the loss and the optimizer are not matmuls and are left out (a few % at most).
-
-    - vision tower: forward only (frozen, under no_grad). Per image: the patch embedding, a conv that is a matmul
-      [P, 3·p·p] x [3·p·p, Dv]; per layer and token q/k/v/o (4·Dv²) and fc1/fc2 (2·Dv·Iv) weight products, and
-      attention over S = P + 1 tokens (CLS included, no mask): QKᵀ and A·V, 2·S²·Dv each.
-    - projector: forward [P, Dv] x [Dv, D] and [P, D] x [D, D] per image. Backward: both weight gradients (same
-      cost as their forward) and the input gradient of linear_2 only; linear_1's input comes out of no_grad.
-    - language model, per token and layer: q (D·H·d), k and v (D·Hkv·d each), o (H·d·D), gate/up/down (3·D·I).
-      Attention is causal: position t sees t + 1 keys, so QKᵀ and A·V cost 2·H·d·S(S+1)/2 each per layer for a
-      sequence of S tokens (a kernel that skips nothing above the diagonal does more; not counted).
-      Backward: the weights are frozen, but the gradient must reach the projector under the first layer, so every
-      matmul needs its input gradient (= its forward again) and no weight gradient; attention's backward has 4
-      matmuls (dA, dV, dQ, dK), twice its forward.
-    - LoRA on q and v: x·A [D -> r] and ·B [r -> out], forward; backward = input gradients + the gradients of A
-      and B, twice the forward.
-    - lm_head: LlavaLoss applies it to the ``supervised`` positions only: [N_sup, D] x [D, V] forward, and the
-      input gradient in backward (frozen weight).
-    - ``recompute`` (gradient checkpointing, hardware FLOPs only): backward replays each decoder layer's forward.
-      Non-reentrant checkpointing stops the replay as soon as the last tensor backward needs is rebuilt (torch's
-      default early stop): here the inputs of act(gate)·up, so down_proj, frozen and saving nothing, is not
-      replayed. (The counts agree exactly with ``torch.utils.flop_counter`` on the tiny shape, see the test.)
-
-    ``lengths`` are the token counts per sample (real tokens for model FLOPs, the padded width for hardware);
-    ``vision_layers`` the tower layers counted (those the features need, or all that run).
-    """
-    D, L, H, Hkv, d, I, V = s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab
-    Dv, Iv, P, p = s.v_hidden, s.v_intermediate, s.patches, s.v_patch
-    Sv = P + 1
-    tokens = sum(lengths)
-
-    vision = images * (2 * P * (3 * p * p) * Dv  # patch embedding
-                       + vision_layers * (2 * Sv * (4 * Dv * Dv + 2 * Dv * Iv)  # q, k, v, o, fc1, fc2
-                                          + 2 * (2 * Sv * Sv * Dv)))  # QKᵀ and A·V, all heads
-    proj_fwd = images * 2 * P * (Dv * D + D * D)
-    proj_bwd = images * (2 * P * (Dv * D + D * D) + 2 * P * D * D)  # weight grads of both + input grad of linear_2
-    lm_linear = 2 * tokens * L * (D * H * d + 2 * D * Hkv * d + H * d * D + 3 * D * I)
-    down_proj = 2 * tokens * L * I * D  # part of lm_linear
-    lm_attention = L * sum(2 * (2 * H * d * (n * (n + 1) // 2)) for n in lengths)
-    lora_fwd = 2 * tokens * L * (r * (D + H * d) + r * (D + Hkv * d))  # q_proj: D -> H·d, v_proj: D -> Hkv·d
-    head = 2 * supervised * D * V
-    terms = {
-        "vision_forward": vision,
-        "projector_forward": proj_fwd,
-        "projector_backward": proj_bwd,
-        "lm_linear_forward": lm_linear,
-        "lm_attention_forward": lm_attention,
-        "lm_linear_backward": lm_linear,  # input gradients only
-        "lm_attention_backward": 2 * lm_attention,
-        "lora_forward": lora_fwd,
-        "lora_backward": 2 * lora_fwd,
-        "lm_head_forward": head,
-        "lm_head_backward": head,  # input gradient only
-        "gc_recompute_forward": (lm_linear - down_proj + lm_attention + lora_fwd) if recompute else 0,
-    }
-    terms["total"] = sum(terms.values())
-    return terms
-
-
 def flops_for(s: Shape, batch: dict, gc_on: bool) -> dict[str, dict[str, int]]:
     """Model FLOPs (what the step needs) and hardware FLOPs (what the code runs) of one step on ``batch``."""
-    model = step_flops(s, batch["lengths"], batch["supervised_tokens"], batch["images"], LORA["r"],
-                       vision_layers_needed(s))
-    hardware = step_flops(s, [batch["padded_length"]] * len(batch["lengths"]), batch["supervised_tokens"],
-                          batch["images"], LORA["r"], s.v_layers, recompute=gc_on)
+    config = llava_config(s, "sdpa")
+    model = step_flops(config, batch["lengths"], batch["supervised_tokens"], batch["images"], LORA["r"])
+    hardware = step_flops(config, [batch["padded_length"]] * len(batch["lengths"]), batch["supervised_tokens"],
+                          batch["images"], LORA["r"], vision_layers=s.v_layers, recompute=gc_on)
     return {"model": model, "hardware": hardware}
 
 

@@ -19,10 +19,10 @@ data set of conversational ``messages`` + ``images`` (decoded by ``datasets``), 
 Each trainer runs in its own process, so each peak memory is its own (RSS on CPU, allocated memory on a GPU).
 Step times are wall-clock from the end of the last warm-up step to the end of the last step, data loading
 included. Prints samples/s, tokens/s (non-padding tokens, image tokens included), peak memory, the ratios
-ours/TRL, the losses of both (they must agree: the same work), and the MFU: useful model FLOPs per second (counted in
-``step_flops``) over the FLOP/s of a 2048x2048 matmul in the same precision, measured in this run. Where the CPU has
-bf16 instructions, our trainer also runs with ``--precision bf16`` (CPU autocast) and its gain is printed. Each
-target is printed with PASS or MISS.
+ours/TRL, the losses of both (they must agree: the same work), and the MFU: useful model FLOPs per second
+(counted in ``workloads.step_flops``) over the FLOP/s of a 2048x2048 matmul in the same precision, measured in
+this run. Where the CPU has bf16 instructions, our trainer also runs with ``--precision bf16`` (CPU autocast) and
+its gain is printed. Each target is printed with PASS or MISS.
 """
 
 from __future__ import annotations
@@ -80,43 +80,16 @@ def sample_sizes(model_dir: Path, data_dir: Path) -> list[tuple[int, int, int]]:
     return out
 
 
-def step_flops(sizes: list[tuple[int, int, int]], model_dir: Path) -> float:
-    """Model FLOPs of the useful work of one step over samples of ``sizes`` (tokens, supervised, images).
-
-    A matmul of [m, k] x [k, n] costs 2mkn forward. Its backward costs 2mkn for the input's gradient and 2mkn for the
-    weight's, and only what is needed is counted: the language model is frozen, but the projector sits below it, so
-    its activation gradients run through every layer at every position (1x forward), while weight gradients exist
-    only for LoRA and the projector. Attention's two matmuls (QK^T, PV) have activations on both sides: their
-    backward is 2x forward, and causal attention needs the t+1 keys up to each query t, summed: T(T+1)/2 per head.
-    The lm_head is counted on the supervised positions only (the loss needs no other logits), forward + input
-    gradient. The vision tower runs forward only, up to the layer whose features feed the projector (the layers
-    after it are useless work that is not counted). Padding, norms, softmax, RoPE, activations, the loss and the
-    optimizer are not counted: they are not matmuls, and the peak they are compared with is a matmul's.
-    """
+def timed_flops(sizes: list[tuple[int, int, int]], model_dir: Path) -> float:
+    """Model FLOPs of the useful work over samples of ``sizes`` (tokens, supervised, images): the count
+    ``workloads.step_flops`` writes out term by term, on the real token counts (padding is not useful work)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model_dir)
-    t, v = cfg.text_config, cfg.vision_config
-    h, inter, layers, vocab = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size
-    hd = getattr(t, "head_dim", None) or h // t.num_attention_heads
-    q_out, kv_out = t.num_attention_heads * hd, t.num_key_value_heads * hd
-    r = LORA["r"]
-    dv, iv, patches = v.hidden_size, v.intermediate_size, (v.image_size // v.patch_size) ** 2
-    vision_layers = cfg.vision_feature_layer % (v.num_hidden_layers + 1)  # hidden_states[k] = after k layers
+    from workloads import step_flops
 
-    total = 0.0
-    for tokens, supervised, images in sizes:
-        linear = 2 * tokens * (h * q_out + 2 * h * kv_out + q_out * h + 3 * h * inter)  # q, k, v, o; gate, up, down
-        attention = 2 * 2 * t.num_attention_heads * hd * tokens * (tokens + 1) / 2  # QK^T and PV, causal
-        lora = 2 * tokens * ((h * r + r * q_out) + (h * r + r * kv_out))  # A then B, on q_proj and v_proj
-        per_layer = (linear + attention + lora) + (linear + 2 * attention + 2 * lora)  # forward + backward
-        lm_head = 2 * supervised * h * vocab * 2  # forward + input gradient
-        tower = 2 * patches * 3 * v.patch_size ** 2 * dv + vision_layers * (
-            2 * (patches + 1) * (4 * dv * dv + 2 * dv * iv) + 2 * 2 * dv * (patches + 1) ** 2)
-        proj_fwd = 2 * patches * (dv * h + h * h)
-        projector = proj_fwd + proj_fwd + 2 * patches * h * h  # forward, weight gradients, input gradient of linear 2
-        total += layers * per_layer + lm_head + images * (tower + projector)
-    return total
+    tokens, supervised, images = zip(*sizes)
+    return step_flops(AutoConfig.from_pretrained(model_dir), list(tokens), sum(supervised), sum(images),
+                      LORA["r"])["total"]
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 3.0) -> float:
@@ -374,7 +347,7 @@ def bench_shape(shape: str, root: Path, a) -> list[tuple[str, bool]]:
           f"({root / shape})", flush=True)
     sizes = sample_sizes(model_dir, data_dir)
     timed = batches(n_records, a.batch_size, steps)[a.warmup:]
-    flops = step_flops([sizes[i] for batch in timed for i in batch], model_dir)
+    flops = timed_flops([sizes[i] for batch in timed for i in batch], model_dir)
 
     precisions = ["fp32"] + (["bf16"] if a.bf16 else [])
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -7,6 +7,7 @@ synthetic CC3M-like data set. Nothing is downloaded.
 
 A shape names a Qwen2 LM (hidden size, layers, MLP width, vocabulary, heads) and a CLIP vision tower (image
 size, patch, hidden size, layers); ``llava-lora build`` composes the two, as a user would compose real ones.
+``step_flops`` counts the matmul FLOPs of one training step of any such model (both training benchmarks use it).
 """
 
 from __future__ import annotations
@@ -113,3 +114,73 @@ def cc3m_like(out: Path, n: int, tokenizer, seed: int = 0) -> Path:
             {"from": "human", "value": human}, {"from": "gpt", "value": caption}]})
     (out / "chat.json").write_text(json.dumps(records, indent=1))
     return out
+
+
+def step_flops(config, lengths: list[int], supervised: int, images: int, r: int, vision_layers: int | None = None,
+               recompute: bool = False) -> dict[str, int]:
+    """FLOPs of one training step of LlavaLoss (forward + backward), matmuls only, term by term.
+
+    A matmul [m, k] x [k, n] costs 2·m·n·k FLOPs (one multiply and one add per product). Norms, rotary, softmax,
+    activations, the loss and the optimizer are not matmuls and are left out (a few % at most).
+
+    - vision tower: forward only (frozen, under no_grad). Per image: the patch embedding, a conv that is a matmul
+      [P, 3·p·p] x [3·p·p, Dv]; per layer and token q/k/v/o (4·Dv²) and fc1/fc2 (2·Dv·Iv) weight products, and
+      attention over S = P + 1 tokens (CLS included, no mask): QKᵀ and A·V, 2·S²·Dv each.
+    - projector: forward [P, Dv] x [Dv, D] and [P, D] x [D, D] per image. Backward: both weight gradients (same
+      cost as their forward) and the input gradient of linear_2 only; linear_1's input comes out of no_grad.
+    - language model, per token and layer: q (D·H·d), k and v (D·Hkv·d each), o (H·d·D), gate/up/down (3·D·I).
+      Attention is causal: position t sees t + 1 keys, so QKᵀ and A·V cost 2·H·d·S(S+1)/2 each per layer for a
+      sequence of S tokens (a kernel that skips nothing above the diagonal does more; not counted).
+      Backward: the weights are frozen, but the gradient must reach the projector under the first layer, so every
+      matmul needs its input gradient (= its forward again) and no weight gradient; attention's backward has 4
+      matmuls (dA, dV, dQ, dK), twice its forward.
+    - LoRA on q and v: x·A [D -> r] and ·B [r -> out], forward; backward = input gradients + the gradients of A
+      and B, twice the forward.
+    - lm_head: LlavaLoss applies it to the ``supervised`` positions only: [N_sup, D] x [D, V] forward, and the
+      input gradient in backward (frozen weight).
+    - ``recompute`` (gradient checkpointing, hardware FLOPs only): backward replays each decoder layer's forward.
+      Non-reentrant checkpointing stops the replay as soon as the last tensor backward needs is rebuilt (torch's
+      default early stop): here the inputs of act(gate)·up, so down_proj, frozen and saving nothing, is not
+      replayed. (The counts agree exactly with ``torch.utils.flop_counter`` on the tiny shape, see the test.)
+
+    ``config`` is the model's LlavaConfig (Qwen2/Llama-style text config, CLIP vision config). ``lengths`` are the
+    token counts per sample (real tokens for model FLOPs, the padded width for hardware); ``vision_layers`` the
+    tower layers counted (default: those the features need, hidden_states[k] being the output of layer k; for
+    hardware FLOPs, all that run).
+    """
+    t, v = config.text_config, config.vision_config
+    D, L, H, Hkv = t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads
+    d, I, V = getattr(t, "head_dim", None) or D // H, t.intermediate_size, t.vocab_size
+    Dv, Iv, p = v.hidden_size, v.intermediate_size, v.patch_size
+    P = (v.image_size // p) ** 2  # image tokens per image ('default' strategy drops CLS)
+    if vision_layers is None:
+        vision_layers = config.vision_feature_layer % (v.num_hidden_layers + 1)
+    Sv = P + 1
+    tokens = sum(lengths)
+
+    vision = images * (2 * P * (3 * p * p) * Dv  # patch embedding
+                       + vision_layers * (2 * Sv * (4 * Dv * Dv + 2 * Dv * Iv)  # q, k, v, o, fc1, fc2
+                                          + 2 * (2 * Sv * Sv * Dv)))  # QKᵀ and A·V, all heads
+    proj_fwd = images * 2 * P * (Dv * D + D * D)
+    proj_bwd = images * (2 * P * (Dv * D + D * D) + 2 * P * D * D)  # weight grads of both + input grad of linear_2
+    lm_linear = 2 * tokens * L * (D * H * d + 2 * D * Hkv * d + H * d * D + 3 * D * I)
+    down_proj = 2 * tokens * L * I * D  # part of lm_linear
+    lm_attention = L * sum(2 * (2 * H * d * (n * (n + 1) // 2)) for n in lengths)
+    lora_fwd = 2 * tokens * L * (r * (D + H * d) + r * (D + Hkv * d))  # q_proj: D -> H·d, v_proj: D -> Hkv·d
+    head = 2 * supervised * D * V
+    terms = {
+        "vision_forward": vision,
+        "projector_forward": proj_fwd,
+        "projector_backward": proj_bwd,
+        "lm_linear_forward": lm_linear,
+        "lm_attention_forward": lm_attention,
+        "lm_linear_backward": lm_linear,  # input gradients only
+        "lm_attention_backward": 2 * lm_attention,
+        "lora_forward": lora_fwd,
+        "lora_backward": 2 * lora_fwd,
+        "lm_head_forward": head,
+        "lm_head_backward": head,  # input gradient only
+        "gc_recompute_forward": (lm_linear - down_proj + lm_attention + lora_fwd) if recompute else 0,
+    }
+    terms["total"] = sum(terms.values())
+    return terms

@@ -94,7 +94,7 @@ def test_flop_count_matches_a_hand_computation(tiny_run):
     hw_off = (n_img * (patch + 2 * vision_layer + proj_fwd + proj_bwd) + 2 * lm_linear(6 * T)
               + 3 * 6 * lm_attn(T) + 3 * lora(6 * T) + 2 * head)
     assert f["gc_off"]["hardware"]["total"] == hw_off
-    # the checkpoint replay stops before down_proj (64x128 per token and layer), see step_flops
+    # the checkpoint replay stops before down_proj (64x128 per token and layer), see workloads.step_flops
     down_proj = 2 * 6 * T * 2 * 128 * 64
     assert f["gc_on"]["hardware"]["total"] == hw_off + lm_linear(6 * T) - down_proj + 6 * lm_attn(T) + lora(6 * T)
     run = {r["gc"]: r for r in tiny_run["runs"]}[False]
@@ -103,6 +103,8 @@ def test_flop_count_matches_a_hand_computation(tiny_run):
 
 def _script_module():
     if "gpu_train" not in sys.modules:  # registered first: its dataclasses look their module up while being built
+        if str(SCRIPT.parent) not in sys.path:  # as when run as a script: benchmarks/workloads.py is importable
+            sys.path.insert(0, str(SCRIPT.parent))
         spec = importlib.util.spec_from_file_location("gpu_train", SCRIPT)
         sys.modules["gpu_train"] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
