@@ -160,3 +160,38 @@ def test_fast_path_flags_on_the_command_line():
                               "--fused-loss", "off", "--compile", "--quantize", "none"])
     cfg = cfglib.resolve(train.TrainConfig, args)
     assert (cfg.attn_implementation, cfg.fused_loss, cfg.compile, cfg.quantize) == ("eager", "off", True, "none")
+
+
+def test_compiled_training_matches_eager(world: Models, data: Path, tmp_path):
+    """`--compile` trains the same: every step's loss and the saved adapter agree with the eager run. Batches of
+    other padded lengths reuse the first step's compiled code (dynamic shapes): three steps compile no more
+    frames than one. (Image records only: a text-only batch, whose embeddings need no gradient, compiles once
+    more, by design of torch.compile's guards.)"""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    records = [r for r in json.loads((data / "chat.json").read_text()) if "image" in r]
+    image_only = tmp_path / "image-only.json"
+    image_only.write_text(json.dumps(records))
+
+    def run(compiled: bool, steps: int) -> tuple[list[float], dict, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        out = tmp_path / f"run-{compiled}-{steps}"
+        cfg = train.TrainConfig(model=str(world.qwen_model), data=str(image_only),
+                                image_dir=str(data / "images_dl"), out=str(out), max_steps=steps,
+                                batch_size=2, log_every=1, save_every=100, num_workers=0, lora_dropout=0.0,
+                                gradient_checkpointing=False, tensorboard=False, compile=compiled)
+        assert quiet(train.main, cfg) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows], load_file(out / "adapter_model.safetensors"), counters["frames"]["total"]
+
+    eager_losses, eager_adapter, eager_frames = run(False, 3)
+    _, _, frames_one_step = run(True, 1)
+    compiled_losses, compiled_adapter, frames_three_steps = run(True, 3)
+    assert eager_frames == 0 and frames_one_step >= 1  # it did compile
+    assert frames_three_steps == frames_one_step  # the other lengths did not make it compile again
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert compiled_adapter.keys() == eager_adapter.keys()  # the same names: checkpoints load either way
+    for name in eager_adapter:
+        torch.testing.assert_close(compiled_adapter[name], eager_adapter[name], rtol=1e-3, atol=1e-5)
