@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/train_vs_trl.py --shape proportional      # ~4 min on 2 idle CPU cores
     .venv/bin/python benchmarks/train_vs_trl.py --shape real-vocab        # ~6 min
     .venv/bin/python benchmarks/train_vs_trl.py --shape proportional --warmup 1 --steps 2 --no-bf16  # a quick look
+    .venv/bin/python benchmarks/train_vs_trl.py --shape real-vocab --compile --warmup 3   # + both compiled, ~13 min
 
 Model: a shape of ``benchmarks/shapes/`` (random weights, composed by ``llava-lora build``). Data: a synthetic
 CC3M-like set (one turn: ``<image>`` + a brief-description instruction -> a caption of 10-30 tokens).
@@ -22,7 +23,9 @@ included. Prints samples/s, tokens/s (non-padding tokens, image tokens included)
 ours/TRL, the losses of both (they must agree: the same work), and the MFU: useful model FLOPs per second
 (counted in ``workloads.step_flops``) over the FLOP/s of a 2048x2048 matmul in the same precision, measured in
 this run. Where the CPU has bf16 instructions, our trainer also runs with ``--precision bf16`` (CPU autocast) and
-its gain is printed. Each target is printed with PASS or MISS.
+its gain is printed. With ``--compile``, ours runs again with ``--compile`` and TRL with ``torch_compile=True``
+(the compilation falls in the warm-up steps: give ``--warmup 3``), each compared with the other. Each target is
+printed with PASS or MISS.
 """
 
 from __future__ import annotations
@@ -153,7 +156,8 @@ def run_ours(a) -> dict:
         lora_dropout=0.0, learning_rate=a.lr, lr_scheduler="constant", warmup_ratio=0.0,
         max_steps=a.warmup + a.steps, batch_size=a.batch_size, max_grad_norm=0.3,
         gradient_checkpointing=a.gradient_checkpointing, precision=a.precision, group_by_length=False,
-        save_every=10 ** 6, log_every=1, seed=SEED, num_workers=a.num_workers, device=a.device, tensorboard=False)
+        save_every=10 ** 6, log_every=1, seed=SEED, num_workers=a.num_workers, device=a.device, tensorboard=False,
+        compile=a.compile)
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
         train.main(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -226,7 +230,7 @@ def run_trl(a) -> dict:
         bf16=a.precision == "bf16", gradient_checkpointing=a.gradient_checkpointing,
         assistant_only_loss=True, max_length=None, dataloader_num_workers=a.num_workers,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, use_cpu=a.device == "cpu",
-        disable_tqdm=True)
+        disable_tqdm=True, torch_compile=a.compile)
     clock = Clock()
     trainer = SequentialSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                                    peft_config=peft_config, callbacks=[clock])
@@ -245,15 +249,17 @@ def child(a) -> int:
     return 0
 
 
-def spawn(who: str, precision: str, model_dir: Path, data_dir: Path, n_records: int, work: Path, a) -> dict:
-    """Run one trainer in a fresh process; its output goes to ``work/WHO-PRECISION.log``."""
-    tag = f"{who}-{precision}"
+def spawn(who: str, precision: str, model_dir: Path, data_dir: Path, n_records: int, work: Path, a,
+          compile: bool = False) -> dict:
+    """Run one trainer in a fresh process; its output goes to ``work/WHO-PRECISION[-compile].log``."""
+    tag = f"{who}-{precision}" + ("-compile" if compile else "")
     result, log = work / f"{tag}.json", work / f"{tag}.log"
     cmd = [sys.executable, __file__, "--child", who, "--model", str(model_dir), "--data", str(data_dir),
            "--out", str(work / f"run-{tag}"), "--result", str(result), "--n-records", str(n_records),
            "--precision", precision, "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--num-workers", str(a.num_workers),
-           "--device", a.device, "--{}gradient-checkpointing".format("" if a.gradient_checkpointing else "no-")]
+           "--device", a.device, "--{}gradient-checkpointing".format("" if a.gradient_checkpointing else "no-"),
+           "--{}compile".format("" if compile else "no-")]
     start = time.perf_counter()
     with open(log, "w") as f:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -284,31 +290,35 @@ def report(shape: str, a, runs: dict, flops: float, peaks: dict, device: str) ->
           f"checkpointing {'on' if a.gradient_checkpointing else 'off'}, {a.num_workers} DataLoader workers, "
           f"{torch.get_num_threads()} threads; {flops / a.steps / 1e9:.0f} GFLOP of useful work per step")
     print(f"  matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
-    print(f"  {'':16}{'samples/s':>10}{'tokens/s':>10}{mem:>12}{'MFU':>7}{'load':>6}   losses (first .. last)")
+    print(f"  {'':20}{'samples/s':>10}{'tokens/s':>10}{mem:>12}{'MFU':>7}{'load':>6}   losses (first .. last)")
     for name, r in runs.items():
         precision = name.split()[-1].strip("()")
         mfu = flops / r["seconds"] / peaks[precision]
         r["mfu"] = mfu
-        print(f"  {name:16}{samples / r['seconds']:10.2f}{r['tokens'] / r['seconds']:10.0f}"
+        print(f"  {name:20}{samples / r['seconds']:10.2f}{r['tokens'] / r['seconds']:10.0f}"
               f"{r['peak_memory'] / 2**30:9.2f} GB{mfu:7.0%}{r['load']:6.1f}   {r['losses'][0]:.4f} .. "
               f"{r['losses'][-1]:.4f}")
-    ours, trl = runs["ours (fp32)"], runs.get("TRL (fp32)")
-    checks = []
-    if trl is not None:
-        speed, memory = trl["seconds"] / ours["seconds"], ours["peak_memory"] / trl["peak_memory"]
-        tokens = (ours["tokens"] / ours["seconds"]) / (trl["tokens"] / trl["seconds"])
-        print(f"  ours / TRL: samples/s {speed:.2f}x, tokens/s {tokens:.2f}x, "
-              f"{mem} {memory:.2f}x; same tokens: {ours['tokens'] == trl['tokens']}, same initial LoRA: "
-              f"{ours.get('lora_init') == trl.get('lora_init')}")
-        worst = max(rel(x, y) for x, y in zip(ours["losses"], trl["losses"]))
-        final = rel(ours["losses"][-1], trl["losses"][-1])
+    ours, checks = runs["ours (fp32)"], []
+    for variant in ("", "+compile"):  # each of ours against TRL run the same way (compiled or not)
+        trl_name = f"TRL{variant} (fp32)" if f"TRL{variant} (fp32)" in runs else "TRL (fp32)"
+        mine, trl = runs.get(f"ours{variant} (fp32)"), runs.get(trl_name)
+        if mine is None or trl is None:
+            continue
+        versus = f"ours{variant} / {trl_name.split()[0]}"
+        speed, memory = trl["seconds"] / mine["seconds"], mine["peak_memory"] / trl["peak_memory"]
+        tokens = (mine["tokens"] / mine["seconds"]) / (trl["tokens"] / trl["seconds"])
+        print(f"  {versus}: samples/s {speed:.2f}x, tokens/s {tokens:.2f}x, "
+              f"{mem} {memory:.2f}x; same tokens: {mine['tokens'] == trl['tokens']}, same initial LoRA: "
+              f"{mine.get('lora_init') == trl.get('lora_init')}")
+        worst = max(rel(x, y) for x, y in zip(mine["losses"], trl["losses"]))
+        final = rel(mine["losses"][-1], trl["losses"][-1])
         min_speed, max_memory = TARGETS.get(shape, (None, None))
         if min_speed:
-            checks.append((f"{shape}: samples/s ours/TRL >= {min_speed}x (fp32): {speed:.2f}x", speed >= min_speed))
+            checks.append((f"{shape}: samples/s {versus} >= {min_speed}x (fp32): {speed:.2f}x", speed >= min_speed))
         if max_memory:
-            checks.append((f"{shape}: {mem} ours/TRL <= {max_memory}x: {memory:.2f}x", memory <= max_memory))
-        checks.append((f"{shape}: losses agree within {LOSS_TOLERANCE:.0%} on every step (fp32): worst "
-                       f"{worst:.3%}, final {final:.3%}", worst <= LOSS_TOLERANCE))
+            checks.append((f"{shape}: {mem} {versus} <= {max_memory}x: {memory:.2f}x", memory <= max_memory))
+        checks.append((f"{shape}: losses of {versus} agree within {LOSS_TOLERANCE:.0%} on every step (fp32): "
+                       f"worst {worst:.3%}, final {final:.3%}", worst <= LOSS_TOLERANCE))
     if shape == "proportional":
         for name, r in runs.items():
             if name.startswith("ours"):
@@ -359,6 +369,10 @@ def bench_shape(shape: str, root: Path, a) -> list[tuple[str, bool]]:
         runs["TRL (fp32)"] = spawn("trl", "fp32", model_dir, data_dir, n_records, work, a)
     if a.bf16:
         runs["ours (bf16)"] = spawn("ours", "bf16", model_dir, data_dir, n_records, work, a)
+    if a.compile:
+        runs["ours+compile (fp32)"] = spawn("ours", "fp32", model_dir, data_dir, n_records, work, a, compile=True)
+        if a.trl and a.trl_compile:
+            runs["TRL+compile (fp32)"] = spawn("trl", "fp32", model_dir, data_dir, n_records, work, a, compile=True)
     # the machine may be shared: the matmul peak is measured again after the runs, and the higher one counts
     peaks = {p: max(v, matmul_peak(dtypes[p], a.device)) for p, v in peaks.items()}
     return report(shape, a, runs, flops, peaks, a.device)
@@ -379,6 +393,11 @@ def main() -> int:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also run ours with --precision bf16 (default: where the CPU has bf16 instructions)")
     parser.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True, help="run TRL's SFTTrainer")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="also run ours with --compile (torch.compile; its compilation is in the warm-up steps, "
+                             "give it --warmup 3)")
+    parser.add_argument("--trl-compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --compile, also run TRL with torch_compile=True")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--workdir", help="keep the built models, data and run logs here (default: a temp folder)")
     # a child process runs one trainer
