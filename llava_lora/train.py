@@ -147,6 +147,21 @@ def check_quantize(choice: str, device: str) -> None:
         raise UsageError("--quantize 4bit needs the bitsandbytes package (pip install bitsandbytes)")
 
 
+def check_compile(enabled: bool, device: str) -> None:
+    """torch.compile's CPU code is C++ built on the spot: refuse up front where no compiler is found, rather than
+    fail at the first step after the model has loaded."""
+    if not enabled or device != "cpu":
+        return
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()  # the compiler inductor itself would use: $CXX, else g++
+    except exc.InvalidCxxCompiler:
+        raise UsageError("--compile on a CPU needs a C++ compiler for torch.compile's generated code (g++, or the "
+                         "one $CXX names); install one or drop --compile") from None
+
+
 def _model_inputs(mb: dict, device) -> dict:
     """The batch on ``device``. A right-padded batch goes without its attention mask: under causal attention no
     real token sees a pad that follows it, so the mask changes nothing the loss reads, while without one the
@@ -333,6 +348,7 @@ def main(cfg: TrainConfig) -> int:
     precision = _precision(cfg, device)
     # refused here, before RUN_DIR is touched or a model loaded: an option that cannot apply is never ignored
     check_quantize(cfg.quantize, device)
+    check_compile(cfg.compile, device)
     attn_implementation = resolve_attn_implementation(cfg.attn_implementation, device)
     fused_loss = resolve_fused_loss(cfg.fused_loss, device)
     # find_unused_parameters: a micro-batch without images leaves the projector without gradients

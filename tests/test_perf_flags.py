@@ -96,6 +96,21 @@ def test_fused_loss_on_cpu_from_the_command_line(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "--fused-loss on needs" in err
 
 
+def test_compile_on_cpu_without_a_cxx_compiler_is_refused(tmp_path, capsys):
+    from torch._inductor import config as inductor_config
+
+    out = tmp_path / "run"
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        rc = cli.main(["train", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--out", str(out),
+                       "--compile", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "--compile on a CPU needs a C++ compiler" in err
+    assert not out.exists()  # refused before RUN_DIR is touched
+    train.check_compile(True, "cuda")  # a GPU compiles with Triton: not this check's business
+    train.check_compile(False, "cpu")
+
+
 def test_mask_dropped_only_for_right_padding():
     ids = torch.ones(2, 4, dtype=torch.long)
     right = {"input_ids": ids, "labels": ids, "pixel_values": None,
