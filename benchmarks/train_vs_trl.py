@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/train_vs_trl.py --shape proportional      # ~4 min on 2 idle CPU cores
     .venv/bin/python benchmarks/train_vs_trl.py --shape real-vocab        # ~6 min
     .venv/bin/python benchmarks/train_vs_trl.py --shape proportional --warmup 1 --steps 2 --no-bf16  # a quick look
-    .venv/bin/python benchmarks/train_vs_trl.py --shape real-vocab --compile --warmup 3   # + both compiled, ~13 min
+    .venv/bin/python benchmarks/train_vs_trl.py --shape real-vocab --compile --warmup 3   # + both compiled, ~14 min
 
 Model: a shape of ``benchmarks/shapes/`` (random weights, composed by ``llava-lora build``). Data: a synthetic
 CC3M-like set (one turn: ``<image>`` + a brief-description instruction -> a caption of 10-30 tokens).
