@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/train_vs_trl.py --shape real-vocab        # ~6 min
     .venv/bin/python benchmarks/train_vs_trl.py --shape proportional --warmup 1 --steps 2 --no-bf16  # a quick look
     .venv/bin/python benchmarks/train_vs_trl.py --shape real-vocab --compile --warmup 3   # + both compiled, ~14 min
+    .venv/bin/python benchmarks/train_vs_trl.py --shape proportional --repeats 3 --no-bf16  # medians, ~7 min
 
 Model: a shape of ``benchmarks/shapes/`` (random weights, composed by ``llava-lora build``). Data: a synthetic
 CC3M-like set (one turn: ``<image>`` + a brief-description instruction -> a caption of 10-30 tokens).
@@ -24,8 +25,9 @@ ours/TRL, the losses of both (they must agree: the same work), and the MFU: usef
 (counted in ``workloads.step_flops``) over the FLOP/s of a 2048x2048 matmul in the same precision, measured in
 this run. Where the CPU has bf16 instructions, our trainer also runs with ``--precision bf16`` (CPU autocast) and
 its gain is printed. With ``--compile``, ours runs again with ``--compile`` and TRL with ``torch_compile=True``
-(the compilation falls in the warm-up steps: give ``--warmup 3``), each compared with the other. Each target is
-printed with PASS or MISS.
+(the compilation falls in the warm-up steps: give ``--warmup 3``), each compared with the other. A shared or
+virtual machine's speed drifts by several percent from minute to minute: ``--repeats N`` runs the trainers N
+times, taking turns, and counts each one's median time. Each target is printed with PASS or MISS.
 """
 
 from __future__ import annotations
@@ -250,9 +252,9 @@ def child(a) -> int:
 
 
 def spawn(who: str, precision: str, model_dir: Path, data_dir: Path, n_records: int, work: Path, a,
-          compile: bool = False) -> dict:
-    """Run one trainer in a fresh process; its output goes to ``work/WHO-PRECISION[-compile].log``."""
-    tag = f"{who}-{precision}" + ("-compile" if compile else "")
+          compile: bool = False, suffix: str = "") -> dict:
+    """Run one trainer in a fresh process; its output goes to ``work/WHO-PRECISION[-compile]SUFFIX.log``."""
+    tag = f"{who}-{precision}" + ("-compile" if compile else "") + suffix
     result, log = work / f"{tag}.json", work / f"{tag}.log"
     cmd = [sys.executable, __file__, "--child", who, "--model", str(model_dir), "--data", str(data_dir),
            "--out", str(work / f"run-{tag}"), "--result", str(result), "--n-records", str(n_records),
@@ -269,6 +271,20 @@ def spawn(who: str, precision: str, model_dir: Path, data_dir: Path, n_records: 
     print(f"  {tag}: done in {time.perf_counter() - start:.0f} s", flush=True)
     # the 1-minute load average at its end: above the core count, other work shared the cores with this run
     return {**json.loads(result.read_text()), "load": os.getloadavg()[0]}
+
+
+def median_run(name: str, runs: list[dict]) -> dict:
+    """One trainer's repeated runs as one: the median time, the highest peak memory and load. The work is the
+    same every time, so the losses must be too."""
+    for r in runs[1:]:
+        if r["losses"] != runs[0]["losses"] or r["tokens"] != runs[0]["tokens"]:
+            sys.exit(f"{name}: repeated runs did not do the same work (losses or tokens differ)")
+    seconds = sorted(r["seconds"] for r in runs)
+    if len(runs) > 1:
+        print(f"  {name}: {len(runs)} runs, timed steps in " + ", ".join(f"{t:.1f}" for t in seconds)
+              + " s; the median counts", flush=True)
+    return {**runs[0], "seconds": seconds[len(seconds) // 2], "peak_memory": max(r["peak_memory"] for r in runs),
+            "load": max(r["load"] for r in runs)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -364,15 +380,22 @@ def bench_shape(shape: str, root: Path, a) -> list[tuple[str, bool]]:
     peaks = {p: matmul_peak(dtypes[p], a.device) for p in precisions}
     work = root / shape / "runs"
     work.mkdir(exist_ok=True)
-    runs = {"ours (fp32)": spawn("ours", "fp32", model_dir, data_dir, n_records, work, a)}
+    plan = {"ours (fp32)": ("ours", "fp32", False)}  # name -> (trainer, precision, compile)
     if a.trl:
-        runs["TRL (fp32)"] = spawn("trl", "fp32", model_dir, data_dir, n_records, work, a)
+        plan["TRL (fp32)"] = ("trl", "fp32", False)
     if a.bf16:
-        runs["ours (bf16)"] = spawn("ours", "bf16", model_dir, data_dir, n_records, work, a)
+        plan["ours (bf16)"] = ("ours", "bf16", False)
     if a.compile:
-        runs["ours+compile (fp32)"] = spawn("ours", "fp32", model_dir, data_dir, n_records, work, a, compile=True)
+        plan["ours+compile (fp32)"] = ("ours", "fp32", True)
         if a.trl and a.trl_compile:
-            runs["TRL+compile (fp32)"] = spawn("trl", "fp32", model_dir, data_dir, n_records, work, a, compile=True)
+            plan["TRL+compile (fp32)"] = ("trl", "fp32", True)
+    # with --repeats, the runs take turns (ours, TRL, ours, TRL, ...), so a slow spell of the machine falls on both
+    repeats = {name: [] for name in plan}
+    for i in range(a.repeats):
+        for name, (who, precision, compile) in plan.items():
+            repeats[name].append(spawn(who, precision, model_dir, data_dir, n_records, work, a, compile,
+                                       f"-r{i + 1}" if a.repeats > 1 else ""))
+    runs = {name: median_run(name, rs) for name, rs in repeats.items()}
     # the machine may be shared: the matmul peak is measured again after the runs, and the higher one counts
     peaks = {p: max(v, matmul_peak(dtypes[p], a.device)) for p, v in peaks.items()}
     return report(shape, a, runs, flops, peaks, a.device)
@@ -398,6 +421,8 @@ def main() -> int:
                              "give it --warmup 3)")
     parser.add_argument("--trl-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="with --compile, also run TRL with torch_compile=True")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each trainer this many times, taking turns, and count the median time (odd is best)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--workdir", help="keep the built models, data and run logs here (default: a temp folder)")
     # a child process runs one trainer
@@ -408,8 +433,8 @@ def main() -> int:
     a = parser.parse_args()
     if a.child:
         return child(a)
-    if (a.warmup is not None and a.warmup < 1) or (a.steps is not None and a.steps < 1):
-        parser.error("--warmup and --steps must be >= 1")
+    if (a.warmup is not None and a.warmup < 1) or (a.steps is not None and a.steps < 1) or a.repeats < 1:
+        parser.error("--warmup, --steps and --repeats must be >= 1")
     if a.bf16 is None:
         a.bf16 = a.device == "cuda" or cpu_has_bf16()
 
