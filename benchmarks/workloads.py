@@ -46,7 +46,7 @@ def load_shape(name: str) -> dict:
 def proportional_qwen2(out: Path, hidden_size: int, num_layers: int, intermediate_size: int, vocab_size: int,
                        heads: int, kv_heads: int, seed: int = 0) -> Path:
     """A randomly initialised Qwen2 chat LM of the given shape, with llava_lora.tiny's ChatML tokenizer (fp32)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = tiny.qwen2_tokenizer()
     assert vocab_size > len(tok)
@@ -55,12 +55,7 @@ def proportional_qwen2(out: Path, hidden_size: int, num_layers: int, intermediat
                       max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.02,
                       bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    ends = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(eos_token_id=ends, pad_token_id=ends[1], bos_token_id=None)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny.save_qwen2_chat(Qwen2ForCausalLM(cfg), tok, out)
 
 
 def make_model(root: Path, shape: str = "proportional") -> Path:

@@ -115,7 +115,7 @@ def _pad64(n: int) -> int:
 def tiny_qwen2(out: Path, tie_word_embeddings: bool = False, hidden_size: int = 64, num_layers: int = 2,
                dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
     """A Qwen1.5-like chat LM: rows padded beyond the tokenizer, ChatML stop tokens, bf16 on disk."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = qwen2_tokenizer()
     cfg = Qwen2Config(
@@ -128,7 +128,13 @@ def tiny_qwen2(out: Path, tie_word_embeddings: bool = False, hidden_size: int = 
     model = Qwen2ForCausalLM(cfg)
     if not tie_word_embeddings:
         torch.nn.init.normal_(model.lm_head.weight, std=LM_HEAD_STD)
-    model = model.to(dtype)
+    return save_qwen2_chat(model.to(dtype), tok, out)
+
+
+def save_qwen2_chat(model, tok, out: Path) -> Path:
+    """Save a Qwen2 LM and its ChatML tokenizer to ``out``, generation stopping where Qwen1.5-Chat's does."""
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(
         eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None)
