@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from . import config as cfglib
-from .errors import UsageError
+from .errors import RunFailed, UsageError
 
 # subcommand -> (module, config class name, main function name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -29,7 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="llava-lora", description=__doc__.splitlines()[0])
+    # allow_abbrev=False: `--lr 2e-2` must not quietly become `--lr-scheduler 2e-2`
+    parser = argparse.ArgumentParser(prog="llava-lora", description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     exit_on_error=False)
     sub = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     leaves: dict[str, argparse.ArgumentParser] = {}
@@ -38,17 +40,26 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         parent = sub
         if len(words) == 2:
             if words[0] not in groups:
-                gp = sub.add_parser(words[0], help=f"{words[0]} tools")
+                gp = sub.add_parser(words[0], help=f"{words[0]} tools", allow_abbrev=False, exit_on_error=False)
                 groups[words[0]] = gp.add_subparsers(dest="subcommand", required=True)
             parent = groups[words[0]]
-        p = parent.add_parser(words[-1], help=help_text, description=help_text)
+        p = parent.add_parser(words[-1], help=help_text, description=help_text, allow_abbrev=False,
+                              exit_on_error=False)
         p.set_defaults(_command=name)
         leaves[name] = p
     return parser, leaves
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+class CommandLineError(UsageError):
+    """A command line that names no valid configuration of ``command``."""
+
+    def __init__(self, command: str, message: str):
+        super().__init__(message)
+        self.command = command
+
+
+def parse(argv: list[str]) -> tuple[str, object]:
+    """(subcommand, its resolved config) of a command line; ``UsageError`` for an unknown flag or a bad value."""
     parser, leaves = _parser()
     # Only the chosen subcommand's module is imported (torch/transformers load lazily).
     chosen = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
@@ -56,17 +67,42 @@ def main(argv: list[str] | None = None) -> int:
         module, cls_name, _, _ = COMMANDS[chosen]
         leaves[chosen].add_argument("--config", help="YAML file of config keys; flags given here win")
         cfglib.add_arguments(leaves[chosen], getattr(importlib.import_module(module), cls_name))
-    args = parser.parse_args(argv)
+        argv = cfglib.dashed_argv(argv, cfglib.flag_names(leaves[chosen]))
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:  # a bad value: one line, like every other refusal
+        raise CommandLineError(chosen if chosen in COMMANDS else "", str(e)) from None
+    if unknown:  # one line naming the closest valid flags, not argparse's usage block
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        close = cfglib.closest_flags(flag, cfglib.flag_names(leaves[args._command])) if flag.startswith("-") else []
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise CommandLineError(args._command, f"unknown {'flag' if flag.startswith('-') else 'argument'} {flag}"
+                               f"{hint} (see llava-lora {args._command} --help)")
+    module, cls_name, _, _ = COMMANDS[args._command]
+    try:
+        return args._command, cfglib.resolve(getattr(importlib.import_module(module), cls_name), args)
+    except UsageError as e:
+        raise CommandLineError(args._command, str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command, cfg = parse(argv)
+    except CommandLineError as e:
+        print(f"{f'llava-lora {e.command}'.strip()}: error: {e}", file=sys.stderr)
+        return 2
     # peft asks a deprecated transformers property whenever an adapter loads; not the user's concern
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    module, cls_name, fn_name, _ = COMMANDS[args._command]
-    mod = importlib.import_module(module)
+    module, _, fn_name, _ = COMMANDS[command]
     try:
-        cfg = cfglib.resolve(getattr(mod, cls_name), args)
-        rc = getattr(mod, fn_name)(cfg)
+        rc = getattr(importlib.import_module(module), fn_name)(cfg)
     except UsageError as e:
-        print(f"llava-lora {args._command}: error: {e}", file=sys.stderr)
+        print(f"llava-lora {command}: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"llava-lora {command}: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,12 +42,60 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """Another spelling of a config key (the HF ``TrainingArguments`` name of the same setting).
+
+    ``convert`` maps the alias's value to the key's; ``type`` is the alias's own value type (default: the key's).
+    """
+
+    key: str
+    type: Any = None
+    convert: Callable[[Any], Any] | None = None
+    help: str = ""
+
+
+def aliases(cls: type) -> dict[str, Alias]:
+    """``{alias: Alias}`` declared by a config class in its ``ALIASES`` class attribute."""
+    return dict(getattr(cls, "ALIASES", {}))
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def dashed_argv(argv: list[str], valid: list[str]) -> list[str]:
+    """``--max_steps`` (HF scripts' spelling) read as ``--max-steps`` wherever the dashed flag exists."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and "_" in name and name.replace("_", "-") in valid:
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
+def _add_flag(parser, name: str, tp: Any, dest: str, help_text: str) -> None:
+    # argparse %-formats help strings: a literal % must reach it doubled
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+    flags = [_flag(name)]
+    if tp is bool:
+        parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+    elif typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        parser.add_argument(*flags, nargs="+", type=inner, **kwargs)
+    elif typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+        parser.add_argument(*flags, choices=choices, type=type(choices[0]), **kwargs)
+    else:
+        parser.add_argument(*flags, type=tp, **kwargs)
+
+
+ALIAS_DEST = "alias:"  # argparse dest prefix of alias flags, so that both spellings can be told apart
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field; defaults stay unset so that YAML values can show through."""
+    """Add one flag per dataclass field (and per alias); defaults stay unset so that YAML values show through."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
@@ -60,19 +109,33 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += " (required)"
         elif "default" not in help_text:
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, type=tp, metavar=f.name.upper(), help=f.metadata.get("help", ""))
-        elif tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(tp) is list:
-            (inner,) = typing.get_args(tp)
-            parser.add_argument(_flag(f.name), nargs="+", type=inner, **kwargs)
-        elif typing.get_origin(tp) is typing.Literal:
-            choices = typing.get_args(tp)
-            parser.add_argument(_flag(f.name), choices=choices, type=type(choices[0]), **kwargs)
+            parser.add_argument(f.name, type=tp, metavar=f.name.upper(),
+                                help=f.metadata.get("help", "").replace("%", "%%"))
         else:
-            parser.add_argument(_flag(f.name), type=tp, **kwargs)
+            _add_flag(parser, f.name, tp, f.name, help_text)
+    if aliases(cls):
+        group = parser.add_argument_group("HF TrainingArguments spellings (each means exactly the flag it names; "
+                                          "--max_steps-style underscores work for every flag)")
+        for name, alias in aliases(cls).items():
+            tp = alias.type or _base_type(hints[alias.key])[0]
+            _add_flag(group, name, tp, ALIAS_DEST + name, alias.help or f"the same as {_flag(alias.key)}")
+
+
+def flag_names(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string a parser accepts."""
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def closest_flags(given: str, valid: list[str], n: int = 3) -> list[str]:
+    """Valid flags a mistyped one may have meant: close spellings, longer flags it begins, and multi-word flags
+    whose initials it spells (``--lr`` -> ``--learning-rate``)."""
+    word = given.split("=", 1)[0].lstrip("-").replace("_", "-")
+    names = list(dict.fromkeys(v.lstrip("-").replace("_", "-") for v in valid))  # one per setting, dashed
+    initials = [c for c in names if "-" in c and "".join(p[0] for p in c.split("-")) == word]
+    longer = [c for c in names if c.startswith(word) and len(word) >= 2]
+    close = difflib.get_close_matches(word, names, n=n, cutoff=0.6)
+    return ["--" + c for c in dict.fromkeys(initials + longer + close)][:n]
 
 
 def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
@@ -115,18 +178,45 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Construct ``cls`` from a mapping, naming unknown keys and the closest valid one."""
+def canonical(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` (from one source: a YAML file or the command line) with every alias replaced by its key.
+
+    Unknown keys are refused, naming the closest valid ones; two spellings of one setting are refused.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    alias_map = aliases(cls)
+    given: dict[str, list[tuple[str, Any, bool]]] = {}  # target -> [(spelling, value, a switch turned off)]
     for key, value in values.items():
         norm = key.replace("-", "_")
-        if norm not in names:
-            close = difflib.get_close_matches(norm, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+        if norm in alias_map:
+            alias = alias_map[norm]
+            value = _coerce(norm, value, alias.type or hints[alias.key], source)
+            off = alias.type is bool and value is False
+            given.setdefault(alias.key, []).append((key, alias.convert(value) if alias.convert else value, off))
+        elif norm in names:
+            given.setdefault(norm, []).append((key, value, False))
+        else:
+            close = difflib.get_close_matches(norm, names + list(alias_map), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise UsageError(f"{source}: unknown key '{key}'{hint}")
-        kwargs[norm] = _coerce(norm, value, hints[norm], source)
+    out = {}
+    for target, entries in given.items():
+        # HF configs often say `bf16: true` beside `fp16: false`: a switch turned off yields to the other spelling
+        on = [e for e in entries if not e[2]] or entries
+        if len(on) > 1 and not (all(e[2] for e in on) and len({e[1] for e in on}) == 1):
+            shown = [_flag(e[0]) if source == "command line" else repr(e[0]) for e in on]
+            raise UsageError(f"{source}: {' and '.join(shown)} set the same thing ({target}); give one")
+        out[target] = on[0][1]
+    return out
+
+
+def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Construct ``cls`` from a mapping (aliases allowed), naming unknown keys and the closest valid ones."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in canonical(cls, values, source).items():
+        kwargs[key] = _coerce(key, value, hints[key], source)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -140,14 +230,16 @@ def _is_positional(cls: type, name: str) -> bool:
 
 
 def resolve(cls: type[T], args: argparse.Namespace) -> T:
-    """YAML (``args.config``) overlaid by the flags that were given."""
+    """YAML (``args.config``) overlaid by the flags that were given (each source's aliases resolved first)."""
     values: dict[str, Any] = {}
     source = "command line"
     if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
-        source = str(args.config)
+        values.update(canonical(cls, load_yaml(args.config), str(args.config)))
+        source = f"{args.config} + command line"
     names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    flags = {k.removeprefix(ALIAS_DEST): v for k, v in vars(args).items()
+             if k in names or k.startswith(ALIAS_DEST)}
+    values.update(canonical(cls, flags, "command line"))
     return build(cls, values, source)
 
 

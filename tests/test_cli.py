@@ -1,0 +1,134 @@
+"""The command line as a user meets it: every help page, flags that mean what they say, HF spellings.
+
+    .venv/bin/pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_lora import cli
+from llava_lora.train import TrainConfig
+
+REQUIRED = ["--model", "m", "--data", "d", "--out", "o"]
+
+
+def _groups() -> list[str]:
+    return sorted({name.split()[0] for name in cli.COMMANDS if " " in name})
+
+
+@pytest.mark.parametrize("argv", [[], *([g] for g in _groups()), *(name.split() for name in cli.COMMANDS)],
+                         ids=lambda a: " ".join(a) or "llava-lora")
+def test_every_help_renders(argv: list[str], capsys):
+    """Walks the command table: a new command is covered without editing this test."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llava-lora")
+    if argv and " ".join(argv) in cli.COMMANDS:
+        assert cli.COMMANDS[" ".join(argv)][3] in out.replace("\n", " ").replace("  ", " ")
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, no usage block
+    return err
+
+
+def test_no_prefix_abbreviations(capsys):
+    err = _error(["train", *REQUIRED, "--lr", "2e-2"], capsys)
+    assert "unknown flag --lr" in err and "--learning-rate" in err
+
+
+@pytest.mark.parametrize("flag, closest", [("--max-stpes", "--max-steps"), ("--learning-rat", "--learning-rate"),
+                                           ("--batchsize", "--batch-size")])
+def test_unknown_flag_names_closest(flag: str, closest: str, capsys):
+    err = _error(["train", *REQUIRED, flag, "3"], capsys)
+    assert f"unknown flag {flag}" in err and closest in err
+
+
+def test_unknown_flag_of_data_check(capsys):
+    err = _error(["data", "check", "x", "--modl", "m"], capsys)
+    assert "llava-lora data check" in err and "--model" in err
+
+
+HF_FLAGS = ["--learning_rate", "2e-2", "--save_steps", "5", "--per_device_train_batch_size", "3", "--logging_steps",
+            "2", "--lr_scheduler_type", "linear", "--warmup_ratio", "0.1", "--num_train_epochs", "2", "--bf16",
+            "--gradient_checkpointing", "--max_grad_norm", "0.5", "--gradient_accumulation_steps", "2"]
+OURS = {"learning_rate": 2e-2, "save_every": 5, "batch_size": 3, "log_every": 2, "lr_scheduler": "linear",
+        "warmup_ratio": 0.1, "num_epochs": 2.0, "precision": "bf16", "gradient_checkpointing": True,
+        "max_grad_norm": 0.5, "gradient_accumulation_steps": 2}
+
+
+def test_hf_spellings_as_flags():
+    command, cfg = cli.parse(["train", *REQUIRED, *HF_FLAGS])
+    assert command == "train" and isinstance(cfg, TrainConfig)
+    assert {k: getattr(cfg, k) for k in OURS} == OURS
+    assert cfg.max_steps is None  # sized from the epochs at run time
+
+
+def test_hf_spellings_in_yaml_mean_ours(tmp_path):
+    """A config written with the seed's (HF) names resolves to the same config as one written with ours."""
+    hf = tmp_path / "hf.yaml"
+    hf.write_text("model_name_or_path: m\ndata: d\noutput_dir: o\nlearning_rate: 0.001\nmax_steps: 800\n"
+                  "per_device_train_batch_size: 6\nsave_steps: 200\nlr_scheduler_type: cosine\nwarmup_ratio: 0.03\n"
+                  "max_grad_norm: 0.3\ngradient_checkpointing: true\nbf16: true\nfp16: false\nlora_r: 4\n"
+                  "lora_alpha: 8\nlora_dropout: 0.05\ntarget_modules: [q_proj, v_proj]\n")
+    ours = tmp_path / "ours.yaml"
+    ours.write_text("model: m\ndata: d\nout: o\nlearning_rate: 0.001\nmax_steps: 800\nbatch_size: 6\n"
+                    "save_every: 200\nlr_scheduler: cosine\nwarmup_ratio: 0.03\nmax_grad_norm: 0.3\n"
+                    "gradient_checkpointing: true\nprecision: bf16\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.05\n"
+                    "lora_target: [q_proj, v_proj]\n")
+    assert cli.parse(["train", "--config", str(hf)])[1] == cli.parse(["train", "--config", str(ours)])[1]
+
+
+@pytest.mark.parametrize("argv, both", [
+    (["--save-every", "3", "--save_steps", "4"], "--save-steps and --save-every"),
+    (["--precision", "fp32", "--bf16"], "--precision and --bf16"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16"),
+])
+def test_two_spellings_of_one_setting_refused(argv: list[str], both: str, capsys):
+    err = _error(["train", *REQUIRED, *argv], capsys)
+    assert "set the same thing" in err
+    assert all(flag in err for flag in both.split(" and "))
+
+
+def test_two_spellings_in_yaml_refused(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 2\nper_device_train_batch_size: 4\n")
+    err = _error(["train", *REQUIRED, "--config", str(path)], capsys)
+    assert "'batch_size' and 'per_device_train_batch_size' set the same thing" in err
+
+
+def test_a_switched_off_precision_yields():
+    """HF configs carry `bf16: true` beside `fp16: false`; `--no-bf16` alone means fp32, as in HF."""
+    assert cli.parse(["train", *REQUIRED, "--no-fp16", "--bf16"])[1].precision == "bf16"
+    assert cli.parse(["train", *REQUIRED, "--no-bf16"])[1].precision == "fp32"
+    assert cli.parse(["train", *REQUIRED, "--no-bf16", "--no-fp16"])[1].precision == "fp32"
+
+
+def test_flags_win_over_yaml_in_any_spelling(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("save_steps: 50\n")
+    assert cli.parse(["train", *REQUIRED, "--config", str(path), "--save-every", "7"])[1].save_every == 7
+
+
+def test_unknown_yaml_key_names_closest(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rat: 0.1\n")
+    err = _error(["train", *REQUIRED, "--config", str(path)], capsys)
+    assert "unknown key 'learning_rat'" in err and "'learning_rate'" in err
+
+
+def test_max_steps_default_and_epochs():
+    assert cli.parse(["train", *REQUIRED])[1].max_steps == 800
+    cfg = cli.parse(["train", *REQUIRED, "--num-epochs", "1.5", "--max-steps", "10"])[1]
+    assert (cfg.num_epochs, cfg.max_steps) == (1.5, 10)  # both given: max_steps wins, as in HF Trainer
+
+
+def test_bad_values_refused(capsys):
+    assert "num_epochs must be positive" in _error(["train", *REQUIRED, "--num-epochs", "0"], capsys)
+    assert "--num-epochs: invalid float value: 'x'" in _error(["train", *REQUIRED, "--num-epochs", "x"], capsys)
+    assert "--precision: invalid choice: 'bf17'" in _error(["train", *REQUIRED, "--precision", "bf17"], capsys)
