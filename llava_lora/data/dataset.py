@@ -92,47 +92,54 @@ class Collator:
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Index batches for one process, from micro-step ``start`` on, forever (a new permutation per epoch).
 
-    The global order is fixed by the seed alone; micro-step k takes positions [k*B*W, (k+1)*B*W) of it and
-    rank r the r-th slice of B, so a resumed run sees exactly the batches the interrupted one would have.
-    With ``lengths``, each chunk of 50 global batches is sorted by length before being cut into batches
-    (less padding), and the batches of a chunk are shuffled again.
+    Every record is drawn in every epoch: an epoch's permutation is filled up to whole global batches by
+    wrapping around to its start (as torch's ``DistributedSampler`` pads), so an epoch is
+    ``ceil(n / (B * W))`` micro-steps. The global order is fixed by the seed alone; micro-step k takes positions
+    [k*B*W, (k+1)*B*W) of it and rank r the r-th slice of B, so a resumed run sees exactly the batches the
+    interrupted one would have. With ``lengths``, each chunk of 50 global batches is sorted by length before
+    being cut into global batches (less padding), and the batches of a chunk are shuffled again.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1,
                  lengths: list[int] | None = None):
+        if n == 0:
+            raise ValueError("no records to sample from")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
         self.rank, self.world = rank, world
         self.lengths = np.asarray(lengths) if lengths is not None else None
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
+    @property
+    def group(self) -> int:
+        return self.batch_size * self.world
+
+    def __len__(self) -> int:
+        """Micro-steps per epoch."""
+        return -(-self.n // self.group)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The global order of one epoch: ``len(self) * B * W`` indices, each record at least once."""
         g = np.random.default_rng([self.seed, epoch])
         order = g.permutation(self.n)
+        order = np.resize(order, len(self) * self.group)  # the ragged tail wraps around to the epoch's start
         if self.lengths is None:
             return order
-        group = self.batch_size * self.world
-        chunk = group * 50
+        chunk = self.group * 50
         out = []
-        for c in range(0, len(order), chunk):
+        for c in range(0, len(order), chunk):  # every chunk holds whole global batches: batches stay aligned
             part = order[c:c + chunk]
             part = part[np.argsort(-self.lengths[part], kind="stable")]
-            batches = [part[b:b + group] for b in range(0, len(part), group)]
+            batches = [part[b:b + self.group] for b in range(0, len(part), self.group)]
             out.extend(batches[j] for j in g.permutation(len(batches)))
         return np.concatenate(out)
 
     def __iter__(self) -> Iterator[list[int]]:
-        group = self.batch_size * self.world
-        per_epoch = self.n // group  # a ragged tail would give ranks unequal batches: dropped
-        if per_epoch == 0:
-            raise ValueError(f"{self.n} records are fewer than one global batch of {group}")
+        per_epoch = len(self)
         step = self.start
         while True:
             epoch, k = divmod(step, per_epoch)
-            order = self._epoch_order(epoch)
+            order = self.epoch_order(epoch)
             while k < per_epoch:
-                lo = k * group + self.rank * self.batch_size
+                lo = k * self.group + self.rank * self.batch_size
                 yield order[lo:lo + self.batch_size].tolist()
                 k += 1
                 step += 1
-
-    def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world)
