@@ -3,3 +3,7 @@
 
 class UsageError(Exception):
     """Bad input from the user (a path, a flag, a file's contents). The message names the cause."""
+
+
+class RunFailed(Exception):
+    """A stage ran but could not do its job (e.g. training that met no supervised token): exit code 1."""

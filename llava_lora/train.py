@@ -21,22 +21,23 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from . import config as cfglib
 from .adapters import apply_lora, save_adapter, wrapped_modules
-from .config import field
+from .config import Alias, field
 from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
 from .data.records import load_records, resolve_data
-from .errors import UsageError
+from .errors import RunFailed, UsageError
 from .fsutil import make_readable, move_into_place
 from .modeling import format_param_stats, param_stats, quiet_transformers
-from .prompts import IGNORE_INDEX, image_tokens_per_image
+from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
 CONFIG_FILE = "config.yaml"
@@ -66,14 +67,17 @@ class TrainConfig:
     weight_decay: float = field(0.0, help="AdamW weight decay")
     lr_scheduler: Literal["cosine", "linear", "constant"] = field("cosine", help="decay after warm-up")
     warmup_ratio: float = field(0.03, help="share of max_steps spent warming the learning rate up")
-    max_steps: int = field(800, help="optimizer steps")
+    max_steps: int | None = field(None, help="optimizer steps (default: 800, or as many as --num-epochs takes; "
+                                             "given with --num-epochs, it wins, as in HF Trainer)")
+    num_epochs: float | None = field(None, help="passes over the usable records, instead of --max-steps; the "
+                                                "schedule is sized from it")
     batch_size: int = field(6, help="samples per micro-batch per process")
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
     max_grad_norm: float = field(0.3, help="gradient clipping norm")
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
         "auto", help="auto: bf16 where the GPU supports it, else fp32")
-    max_length: int = field(2048, help="most tokens per sample; longer samples are cut in their text, never in "
+    max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their text, never in "
                                        "image tokens, or skipped")
     group_by_length: bool = field(True, help="batch samples of similar length together (less padding)")
     save_every: int = field(200, help="write checkpoint-N/ every this many steps")
@@ -95,10 +99,25 @@ class TrainConfig:
     quantize: Literal["none", "4bit"] = field(
         "none", help="QLoRA: load the language model in 4-bit NF4 through bitsandbytes (GPU only)")
 
+    # The HF TrainingArguments (and peft / LLaVA script) names of the same settings, as flags and YAML keys.
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "per_device_train_batch_size": Alias("batch_size"), "save_steps": Alias("save_every"),
+        "logging_steps": Alias("log_every"), "lr_scheduler_type": Alias("lr_scheduler"),
+        "num_train_epochs": Alias("num_epochs"), "output_dir": Alias("out"), "model_name_or_path": Alias("model"),
+        "dataloader_num_workers": Alias("num_workers"), "model_max_length": Alias("max_length"),
+        "target_modules": Alias("lora_target"),
+        "bf16": Alias("precision", bool, lambda on: "bf16" if on else "fp32", "--precision bf16 (--no-bf16: fp32)"),
+        "fp16": Alias("precision", bool, lambda on: "fp16" if on else "fp32", "--precision fp16 (--no-fp16: fp32)"),
+    }
+
     def __post_init__(self):
+        if self.max_steps is None and self.num_epochs is None:
+            self.max_steps = 800
         checks = [
             (self.lora_r > 0, "lora_r must be positive"), (self.batch_size > 0, "batch_size must be positive"),
-            (self.max_steps > 0, "max_steps must be positive"), (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.max_steps is None or self.max_steps > 0, "max_steps must be positive"),
+            (self.num_epochs is None or self.num_epochs > 0, "num_epochs must be positive"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
@@ -297,6 +316,48 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
 # The run
 # --------------------------------------------------------------------------------------------------------
 
+NOTHING_LEARNED_AFTER = 64  # records drawn without one supervised token before a run is stopped as hopeless
+
+# What to do about the reasons a run can meet only skips for
+_REMEDIES = {
+    "empty_supervision": "the model's chat template marks no assistant turn: rebuild MODEL_DIR with `llava-lora "
+                         "build ... --chat-template FILE`, a template whose assistant turns sit in {% generation %}"
+                         " ... {% endgeneration %}",
+    "too_long": "records do not fit --max-length: raise it",
+    "missing_image": "images are not where the data says: pass --image-dir (the folder the `image` paths are "
+                     "relative to)",
+}
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``--max-steps``, else as many as ``--num-epochs`` passes take."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_epochs * steps_per_epoch / cfg.gradient_accumulation_steps))
+
+
+class SupervisionWatch:
+    """Stops a run that learns nothing: once ``patience`` records were drawn (or at the end) without one
+    supervised token, it raises ``RunFailed`` with the skip counts by reason and what to do about them."""
+
+    def __init__(self, patience: int):
+        self.patience, self.drawn, self.supervised = patience, 0, 0
+        self.reasons: Counter[str] = Counter()
+
+    def update(self, supervised: int, drawn: int, skipped: list) -> None:
+        self.supervised += supervised
+        self.drawn += drawn
+        self.reasons.update(s.reason for s in skipped)
+        if not self.supervised and self.drawn >= self.patience:
+            self.fail(f"the first {self.drawn} records drawn")
+
+    def fail(self, what: str) -> None:
+        counts = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common()) or "none skipped"
+        todo = [f"- {_REMEDIES[r]}" for r in self.reasons if r in _REMEDIES]
+        todo.append("- `llava-lora data check DATA --model MODEL_DIR` gives every record's reason")
+        raise RunFailed(f"nothing to learn: {what} carry no supervised token (skipped: {counts}); no adapter "
+                        "was written. What to do:\n" + "\n".join(todo))
+
 def _precision(cfg: TrainConfig, device: str) -> str:
     if cfg.precision != "auto":
         return cfg.precision
@@ -391,17 +452,17 @@ def main(cfg: TrainConfig) -> int:
     groups = [{"params": lora_params, "lr": cfg.learning_rate}]
     if proj_params:
         groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
+    accum = cfg.gradient_accumulation_steps
+    sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, rank=rank, world=world,
+                                    lengths=_estimated_lengths(records, image_tokens) if cfg.group_by_length else None)
+    max_steps = total_steps(cfg, len(sampler))
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
-                              num_training_steps=cfg.max_steps)
+                              optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps),
+                              num_training_steps=max_steps)
     start_step = _load_checkpoint(resume_from, peft_model, optimizer, scheduler) if resume_from else 0
+    sampler.start = start_step * accum
     loss_module, optimizer = accelerator.prepare(LlavaLoss(peft_model, fused_loss), optimizer)
-
-    accum = cfg.gradient_accumulation_steps
-    sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, start=start_step * accum, rank=rank,
-                                    world=world,
-                                    lengths=_estimated_lengths(records, image_tokens) if cfg.group_by_length else None)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
@@ -417,21 +478,28 @@ def main(cfg: TrainConfig) -> int:
               f"{'on' if fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize {cfg.quantize}; "
               f"LoRA r={cfg.lora_r} on {len(wrapped_modules(peft_model))} modules; "
               + (f"resuming from {resume_from.name}" if resume_from else "starting fresh"))
+        print(f"{max_steps} steps of {cfg.batch_size * world * accum} samples: "
+              f"{max_steps * accum / len(sampler):.2f} epochs of {len(sampler)} micro-steps")
         print(format_param_stats(param_stats(peft_model)))
 
     batches = iter(loader)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
     window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
     last_saved = start_step
+    watch = SupervisionWatch(min(len(records), NOTHING_LEARNED_AFTER))
     loss_module.train()
     try:
-        for step in range(start_step + 1, cfg.max_steps + 1):
+        for step in range(start_step + 1, max_steps + 1):
             micro = [next(batches) for _ in range(accum)]
             for mb in micro:
                 log.skipped(mb["skipped"], step)
             supervised = torch.tensor(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
                                           for mb in micro if mb["input_ids"] is not None), device=accelerator.device)
-            global_supervised = accelerator.reduce(supervised, reduction="sum").clamp(min=1)
+            global_supervised = accelerator.reduce(supervised, reduction="sum")
+            drawn = accelerator.reduce(torch.tensor(sum(mb["n_samples"] + len(mb["skipped"]) for mb in micro),
+                                                    device=accelerator.device), reduction="sum")
+            watch.update(int(global_supervised), int(drawn), [s for mb in micro for s in mb["skipped"]])
+            global_supervised = global_supervised.clamp(min=1)
             step_loss = torch.zeros((), device=accelerator.device)
             for j, mb in enumerate(micro):
                 if mb["input_ids"] is None:
@@ -457,7 +525,7 @@ def main(cfg: TrainConfig) -> int:
             window["steps"] += 1
             lr = scheduler.get_last_lr()[0]
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or step == max_steps:
                 elapsed = time.perf_counter() - window["time"]
                 row = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr,
                        "grad_norm": float(grad_norm), "samples_per_s": window["samples"] * world / elapsed,
@@ -466,13 +534,19 @@ def main(cfg: TrainConfig) -> int:
                 log.metrics(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
                 window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
+            if step == max_steps and not watch.supervised:
+                watch.fail(f"all {watch.drawn} records drawn in {max_steps - start_step} steps")
+            if (step % cfg.save_every == 0 or step == max_steps) and watch.supervised:
                 accelerator.wait_for_everyone()
                 if is_main:
                     unwrapped = accelerator.unwrap_model(loss_module).peft_model
                     _save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, cfg.model)
                     plot_loss(run_dir)
                 last_saved = step
+    except RunFailed:
+        if is_main:
+            write_data_report(run_dir, len(records) + len(parse_errors), parse_errors)
+        raise
     finally:
         bar.close()
         log.close()

@@ -303,6 +303,53 @@ def test_unknown_yaml_key_names_closest(world: Models, data: Path, tmp_path: Pat
     assert not (tmp_path / "run").exists()
 
 
+def _unmarked_copy(model_dir: Path, dst: Path) -> Path:
+    """MODEL_DIR whose chat template has lost its {% generation %} markers (as a build before they existed)."""
+    import shutil
+
+    shutil.copytree(model_dir, dst)
+    template = dst / "chat_template.jinja"
+    text = template.read_text().replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    template.write_text(text)
+    return dst
+
+
+def test_run_that_learns_nothing_fails_loudly(world: Models, data: Path, tmp_path: Path, capsys):
+    """Every record supervises nothing: exit 1 with the skip counts and what to do; no adapter, no checkpoint."""
+    model = _unmarked_copy(world.qwen_model, tmp_path / "model")
+    out = tmp_path / "run"
+    rc = cli.main(_train_args(model, data, out, "--max-steps", "50", "--batch-size", "2", "--save-every", "1"))
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    n = len(json.loads((data / "chat.json").read_text()))
+    assert f"nothing to learn: the first {n} records drawn carry no supervised token" in err
+    assert f"{n} empty_supervision" in err and "--chat-template" in err and "data check" in err
+    assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["by_reason"] == {"empty_supervision": n}
+
+
+def test_short_run_that_learns_nothing_fails_at_its_end(world: Models, data: Path, tmp_path: Path, capsys):
+    model = _unmarked_copy(world.qwen_model, tmp_path / "model")
+    rc = cli.main(_train_args(model, data, tmp_path / "run", "--max-steps", "2", "--batch-size", "2"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "all 4 records drawn in 2 steps carry no supervised token" in err
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_num_epochs_sizes_the_run(world: Models, data: Path, tmp_path: Path, capsys):
+    n = len(json.loads((data / "chat.json").read_text()))
+    out = tmp_path / "run"
+    rc = cli.main(_train_args(world.qwen_model, data, out, "--num_train_epochs", "2", "--per_device_train_batch_size",
+                              "5", "--save-every", "100", "--log-every", "1"))
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    steps = 2 * math.ceil(n / 5)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert f"{steps} steps of 5 samples: 2.00 epochs" in printed.out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # resume after a kill, DDP
 # ----------------------------------------------------------------------------------------------------------
