@@ -92,6 +92,19 @@ def _chat_template(tokenizer, src: str, template_file: str | None) -> str:
     return template
 
 
+def _trainable_template(tokenizer, template: str, cfg: BuildConfig) -> str:
+    """The composed model's template, proven (before any weight loads) to mark exactly the answers."""
+    composed = templates.llava_template(template, cfg.image_token)
+    try:
+        templates.check(tokenizer, template, composed, cfg.image_token)
+    except Exception as e:  # a template error (jinja, raise_exception) is the template's fault, like a wrong mask
+        source = f"--chat-template {cfg.chat_template}" if cfg.chat_template else f"the chat template of --llm {cfg.llm}"
+        raise UsageError(f"{source} ({templates.family(template)} family) cannot be trained on: {e}. Pass a template "
+                         "whose assistant turns sit in {% generation %} ... {% endgeneration %} with --chat-template "
+                         "FILE") from None
+    return composed
+
+
 def _digest(t: torch.Tensor) -> str:
     """A content hash of a tensor's bytes: compare checkpoints without holding two copies in memory."""
     flat = t.detach().contiguous().reshape(-1)
@@ -143,6 +156,7 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
     vision_cfg = _vision_config(cfg.vision)
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     template = _chat_template(tokenizer, cfg.llm, cfg.chat_template)
+    llava_template = _trainable_template(tokenizer, template, cfg)
     if cfg.image_token in tokenizer.get_vocab():
         raise UsageError(f"the tokenizer of {cfg.llm} already has '{cfg.image_token}' (id "
                          f"{tokenizer.convert_tokens_to_ids(cfg.image_token)}); pick another with --image-token")
@@ -208,7 +222,6 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
     with quiet_transformers():
         model.save_pretrained(workdir)
 
-    llava_template = templates.llava_template(template, cfg.image_token)
     tokenizer.chat_template = llava_template
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_cfg.patch_size,

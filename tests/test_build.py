@@ -196,3 +196,57 @@ def test_non_empty_out_needs_overwrite(world: Models, tmp_path: Path, capsys):
     assert "not empty" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chat templates of other families: marked by difference, or refused
+# ----------------------------------------------------------------------------------------------------------
+
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}"
+          "\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+LLAMA2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+          "message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + "
+          "' ' + eos_token }}{% endif %}{% endfor %}")
+# The system text moves into the last user turn: a conversation is no extension of its prefix's rendering.
+SYSTEM_LAST = ("{% for message in messages %}{% if message['role'] == 'user' %}{% if loop.last %}[INST] Be brief. "
+               "{{ message['content'] }}[/INST]{% else %}[INST] {{ message['content'] }}[/INST]{% endif %}"
+               "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("name, template", [("zephyr", ZEPHYR), ("llama2", LLAMA2)])
+def test_other_templates_marked_by_difference(world: Models, tmp_path: Path, name: str, template: str, capsys):
+    """A Zephyr- or Llama-2-style LLM composes into a model that trains: its own format kept, exactly the answers
+    and their end-of-turn token marked, and the generation prompt a prefix of the answered conversation."""
+    from llava_lora import templates
+
+    path = tmp_path / f"{name}.jinja"
+    path.write_text(template)
+    out = tmp_path / "model"
+    assert _build(world.llama, world.clip, out, "--chat-template", str(path)) == 0, capsys.readouterr().err
+    assert json.loads((out / "build_report.json").read_text())["chat_template_family"] == "generic"
+    _, processor = _load_composed(out)
+    tok = processor.tokenizer
+    msgs = templates.probe_messages()
+    flat = [{"role": m["role"], "content": "\n".join("<image>" if p["type"] == "image" else p["text"]
+                                                     for p in m["content"])} for m in msgs]
+    assert tok.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(flat, chat_template=template,
+                                                                                    tokenize=False)
+    enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = tok.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m])
+    _, a1, _, a2 = templates.PROBE_TEXTS
+    assert marked.replace(" ", "") == f"{a1}{tok.eos_token}{a2}{tok.eos_token}".replace(" ", "")
+    asked = tok.apply_chat_template(msgs[:3], tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(msgs, tokenize=False).startswith(asked)
+
+
+def test_template_that_cannot_be_marked_is_refused(world: Models, tmp_path: Path, capsys):
+    path = tmp_path / "system_last.jinja"
+    path.write_text(SYSTEM_LAST)
+    out = tmp_path / "model"
+    assert _build(world.llama, world.clip, out, "--chat-template", str(path)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "cannot be trained on" in err and "generic family" in err and "--chat-template FILE" in err
+    assert not out.exists() and _leftovers(tmp_path) == []
