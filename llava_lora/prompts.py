@@ -15,6 +15,7 @@ import numpy as np
 from .data.records import BadRecord, Record, Turn
 
 IGNORE_INDEX = -100
+DEFAULT_MAX_LENGTH = 2048  # train's --max-length default; data check's too_long limit by default
 
 
 def _content(text: str, image: bool, image_first: bool) -> list[dict]:
@@ -87,6 +88,13 @@ def generation_prompt(tokenizer, msgs: list[dict]) -> str:
 
 def image_tokens_per_image(model_config) -> int:
     return int(model_config.image_seq_length)
+
+
+def model_context_length(model_dir: str) -> int | None:
+    """The language model's context length (``max_position_embeddings``), if its config states one."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", None)
 
 
 def record_length_fn(model_dir: str):

@@ -320,17 +320,23 @@ def test_cli_check_exit_codes_and_json(tmp_path, capsys):
     assert report["counts"]["image_token_mismatch"] == 5 and report["image_root"] == str(bad / "images_dl")
     assert "truncated_png  truncated_image" in capsys.readouterr().out
     assert cli.main(["data", "check", str(tmp_path / "nowhere")]) == 2
-    assert cli.main(["data", "check", str(good), "--max-length", "10"]) == 2  # needs --model too
+    assert cli.main(["data", "check", str(good), "--max-length", "10"]) == 2  # needs --model to count tokens
 
 
-def test_cli_check_model_uses_prompts_record_length_fn(tmp_path, monkeypatch, capsys):
+def test_cli_check_model_counts_tokens(tmp_path, tmp_path_factory, capsys):
+    """`--model` alone checks lengths against train's default limit (or the model's context, if shorter)."""
+    from _model_fixtures import model_world
+
+    from llava_lora.prompts import DEFAULT_MAX_LENGTH, model_context_length
+
+    model = model_world(tmp_path_factory).qwen_model
     write_good_dataset(tmp_path, n=4)
-    fake = types.ModuleType("llava_lora.prompts")
-    fake.record_length_fn = lambda model: (lambda rec: 99 if model == "m" else 0)
-    monkeypatch.setitem(sys.modules, "llava_lora.prompts", fake)
-    assert cli.main(["data", "check", str(tmp_path), "--model", "m", "--max-length", "98"]) == 1
-    assert "too_long" in capsys.readouterr().out
-    assert cli.main(["data", "check", str(tmp_path), "--model", "m", "--max-length", "99"]) == 0
+    assert cli.main(["data", "check", str(tmp_path), "--model", str(model)]) == 0
+    limit = min(DEFAULT_MAX_LENGTH, model_context_length(str(model)))
+    assert f"too_long check: max_length {limit}" in capsys.readouterr().out
+    assert cli.main(["data", "check", str(tmp_path), "--model", str(model), "--max-length", "10"]) == 1
+    assert capsys.readouterr().out.count("too_long") == 4 + 1  # the summary line and each record
+    assert cli.main(["data", "check", str(tmp_path), "--model", str(tmp_path / "nowhere")]) == 2
 
 
 def test_cli_check_subprocess_exit_code(tmp_path):

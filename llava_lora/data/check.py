@@ -37,7 +37,8 @@ class CheckConfig:
     split: str | None = field(None, help="with a folder DATA: check {split}.json instead of chat.json")
     json: str | None = field(None, help="write the full report (every bad record) to this JSON file")
     model: str | None = field(None, help="model folder whose tokenizer counts tokens for the too_long check")
-    max_length: int | None = field(None, help="with --model: flag records longer than this many tokens")
+    max_length: int | None = field(None, help="with --model: flag records longer than this many tokens (default: "
+                                              "train's default max_length, 2048, or the model's context if shorter)")
     workers: int = field(0, help="processes decoding images; 0: one per CPU core, 1: no pool")
 
     def __post_init__(self) -> None:
@@ -45,8 +46,8 @@ class CheckConfig:
             raise UsageError(f"--workers must be >= 0, got {self.workers}")
         if self.max_length is not None and self.max_length < 1:
             raise UsageError(f"--max-length must be >= 1, got {self.max_length}")
-        if (self.model is None) != (self.max_length is None):
-            raise UsageError("the too_long check needs both --model and --max-length")
+        if self.model is None and self.max_length is not None:
+            raise UsageError("--max-length needs --model (its tokenizer counts the tokens)")
 
 
 @dataclass
@@ -126,9 +127,13 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
     for rec in _maybe_progress(records, progress and length_fn is not None, "lengths"):
         why = failed.get(rec.image) if rec.image is not None else None
         if why is None and length_fn is not None and max_length is not None:
-            n = length_fn(rec)
-            if n > max_length:
-                why = ("too_long", f"{n} tokens > max_length {max_length}")
+            try:
+                n = length_fn(rec)
+            except BadRecord as e:  # e.g. a template that supervises nothing of this record
+                why = (e.reason, e.detail)
+            else:
+                if n > max_length:
+                    why = ("too_long", f"{n} tokens > max_length {max_length}")
         if why is None:
             usable.append(rec)
         else:
@@ -169,20 +174,27 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
         print(f"  … and {len(report.bad) - limit:,} more (see --json)", file=out)
 
 
-def _length_fn(cfg: CheckConfig) -> Callable[[Record], int] | None:
+def _length_check(cfg: CheckConfig) -> tuple[Callable[[Record], int] | None, int | None]:
+    """(record -> token count, the limit) with ``--model``; the limit defaults to what training would use."""
     if cfg.model is None:
-        return None
-    try:
-        from llava_lora.prompts import record_length_fn
-    except ImportError as e:
-        raise UsageError(f"--model needs llava_lora.prompts.record_length_fn, which failed to import: {e}") from None
-    return record_length_fn(cfg.model)
+        return None, None
+    from llava_lora.prompts import DEFAULT_MAX_LENGTH, model_context_length, record_length_fn
+
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise UsageError(f"--model {cfg.model}: not a MODEL_DIR (no config.json)")
+    limit = cfg.max_length
+    if limit is None:
+        context = model_context_length(cfg.model)
+        limit = min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
+        print(f"too_long check: max_length {limit} (train's default {DEFAULT_MAX_LENGTH}; the model's context "
+              f"{context}); set it with --max-length")
+    return record_length_fn(cfg.model), limit
 
 
 def main(cfg: CheckConfig) -> int:
     file, root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
-    length_fn = _length_fn(cfg)
-    report = check_file(file, root, workers=cfg.workers, length_fn=length_fn, max_length=cfg.max_length)
+    length_fn, max_length = _length_check(cfg)
+    report = check_file(file, root, workers=cfg.workers, length_fn=length_fn, max_length=max_length)
     if report.total == 0:
         raise UsageError(f"{file}: holds no records")
     print_report(report, file, root)
