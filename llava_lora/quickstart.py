@@ -10,7 +10,9 @@ fine-tuned on the held-out split), then prints the held-out exact match before a
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,19 @@ class QuickstartConfig:
     out: str = field("quickstart-out", help="folder for everything the quickstart writes")
     max_steps: int | None = field(None, help="training steps (default: the recipe's)")
     overwrite: bool = field(False, help="replace OUT if it exists")
+
+
+def tool_command() -> str:
+    """How to call ``llava-lora`` from a fresh shell in this folder: the bare name only where PATH finds this
+    very installation, else its path (e.g. ``.venv/bin/llava-lora`` after ``make quickstart``)."""
+    here = Path(sys.executable).parent / "llava-lora"
+    found = shutil.which("llava-lora")
+    if found and here.exists() and Path(found).resolve() == here.resolve():
+        return "llava-lora"
+    try:
+        return os.path.relpath(here) if not os.path.relpath(here).startswith("..") else str(here)
+    except ValueError:  # another drive (Windows)
+        return str(here)
 
 
 def _step(title: str) -> float:
@@ -81,6 +96,6 @@ def main(cfg: QuickstartConfig) -> int:
     print(f"\nheld-out exact match: {100 * before:.1f}% before fine-tuning -> {100 * after:.1f}% after "
           f"({time.perf_counter() - t0:.0f} s in all)")
     print(f"\nmodel: {out / 'model'}\nadapter, checkpoints, logs, loss curve: {out / 'run'}\n"
-          f"evaluation: {eval_dir}\n\nopen the demo:\n  llava-lora demo --model {out / 'model'} "
+          f"evaluation: {eval_dir}\n\nopen the demo:\n  {tool_command()} demo --model {out / 'model'} "
           f"--adapter {out / 'run'} --data {out / 'data'} --split test")
     return 0
