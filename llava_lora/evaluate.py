@@ -310,6 +310,11 @@ def main(cfg: EvalConfig) -> int:
     predictions, skipped = predict(model, processor, chosen, image_root, settings_from(cfg), cfg.batch_size,
                                    systems, progress=cfg.index is None)
     seconds = time.perf_counter() - start
+    if cfg.index is None:  # the training loss on the same records (teacher-forced, every answer supervised)
+        from .heldout import model_loss
+
+        losses = {s: model_loss(model, processor, chosen, image_root, cfg.batch_size, adapter=s == "finetuned")
+                  for s in systems}
     if cfg.index is not None:
         print(show_one(chosen[0], predictions[0] if predictions else None, skipped))
     if not predictions:
@@ -320,7 +325,10 @@ def main(cfg: EvalConfig) -> int:
     skipped = [{"id": i, "reason": r, "detail": d, "when": "loading"} for i, r, d in bad] + skipped
     summary = build_summary(cfg, model, data_file, image_root, predictions, skipped, systems, seconds)
     if cfg.index is None:
+        summary["loss"] = {s: {"loss": loss, "tokens": n} for s, (loss, n) in losses.items()}
         print(format_table(metric_rows(summary["metrics"]), metric_columns(systems)))
+        print("loss (mean over answer tokens): " + ", ".join(f"{LABELS[s]} {loss:.4f}"
+                                                             for s, (loss, _) in losses.items()))
         print("\n" + format_param_stats(summary["param_stats"]))
         print(f"\n{len(predictions)} samples in {seconds:.1f} s ({summary['samples_per_s']} samples/s), "
               f"{len(skipped)} skipped")

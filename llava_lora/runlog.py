@@ -31,8 +31,9 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+                if k != "step" and isinstance(v, (int, float)):  # eval_loss -> eval/loss, beside train/loss
+                    tag = f"eval/{k.removeprefix('eval_')}" if k.startswith("eval_") else f"train/{k}"
+                    self._tb.add_scalar(tag, v, row["step"])
             self._tb.flush()
 
     def skipped(self, skips: list, step: int) -> None:
@@ -77,17 +78,24 @@ def plot_loss(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [r["loss"] for r in rows], label="training loss", color="tab:blue")
+    train = [r for r in rows if "loss" in r]
+    held = [r for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=100)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", color="tab:blue")
+    if held:
+        ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], "o-", label="held-out loss",
+                color="tab:green")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over answer tokens)")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="learning rate")
+    lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange", alpha=0.6,
+               label="learning rate")
     lr_ax.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
-    fig.tight_layout()
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    # below the axes: inside, it covered the curves or the learning-rate axis's top label
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = run_dir / LOSS_CURVE
     fig.savefig(out)
     plt.close(fig)

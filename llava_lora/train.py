@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import random
 import shutil
@@ -30,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from . import config as cfglib
-from .adapters import apply_lora, save_adapter, wrapped_modules
+from .adapters import RUN_FILE, apply_lora, save_adapter, wrapped_modules
 from .config import Alias, field
 from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
 from .data.records import load_records, resolve_data
 from .errors import RunFailed, UsageError
+from .heldout import HeldOut, heldout_records
 from .fsutil import make_readable, move_into_place
 from .modeling import format_param_stats, param_stats, quiet_transformers
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
@@ -43,8 +45,8 @@ from .runlog import RunLog, plot_loss, write_data_report
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "training_state.pt"
 # Keys that define a run: resuming with another value would continue a different experiment.
-RUN_IDENTITY = ("model", "data", "split", "lora_r", "lora_alpha", "lora_target", "train_projector", "batch_size",
-                "gradient_accumulation_steps", "seed", "max_length")
+RUN_IDENTITY = ("model", "data", "split", "eval_data", "lora_r", "lora_alpha", "lora_target", "train_projector",
+                "batch_size", "gradient_accumulation_steps", "seed", "max_length")
 
 
 @dataclass
@@ -88,6 +90,18 @@ class TrainConfig:
     num_threads: int | None = field(None, help="CPU threads for the model's kernels (default: torch's, one per "
                                                "core); 1 can be faster for tiny models beside a data worker")
     tensorboard: bool = field(True, help="write TensorBoard event files to RUN_DIR/tensorboard")
+    eval_data: str | None = field(None, help="held-out records: a LLaVA file or folder, or a share of DATA held out by "
+                                             "--seed (e.g. 0.05); their loss is logged every --eval-every steps")
+    eval_split: str | None = field(None, help="with a folder --eval-data: its split file (e.g. val for val.json)")
+    eval_image_dir: str | None = field(None, help="image root of a path --eval-data (default: found as for DATA)")
+    eval_every: int | None = field(None, help="evaluate on the held-out records every N steps (default: save_every)")
+    eval_samples: int = field(4, help="held-out records answered greedily at each evaluation, beside the base "
+                                      "model's answers, in RUN_DIR/samples/step-N.jsonl")
+    eval_max_new_tokens: int = field(32, help="most tokens of each held-out answer")
+    save_total_limit: int | None = field(None, help="keep only the newest N checkpoints (and the best, with "
+                                                    "--save-best)")
+    save_best: bool = field(False, help="also keep the checkpoint of lowest held-out loss, named in run.json (needs "
+                                        "--eval-data; each checkpoint is evaluated)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = field(
         "auto", help="attention kernels; auto: flash_attention_2 on a GPU where the flash_attn package is installed, "
                      "else sdpa")
@@ -105,7 +119,7 @@ class TrainConfig:
         "logging_steps": Alias("log_every"), "lr_scheduler_type": Alias("lr_scheduler"),
         "num_train_epochs": Alias("num_epochs"), "output_dir": Alias("out"), "model_name_or_path": Alias("model"),
         "dataloader_num_workers": Alias("num_workers"), "model_max_length": Alias("max_length"),
-        "target_modules": Alias("lora_target"),
+        "target_modules": Alias("lora_target"), "eval_steps": Alias("eval_every"),
         "bf16": Alias("precision", bool, lambda on: "bf16" if on else "fp32", "--precision bf16 (--no-bf16: fp32)"),
         "fp16": Alias("precision", bool, lambda on: "fp16" if on else "fp32", "--precision fp16 (--no-fp16: fp32)"),
     }
@@ -124,6 +138,10 @@ class TrainConfig:
             (self.save_every > 0 and self.log_every > 0, "save_every and log_every must be positive"),
             (self.max_length > 0, "max_length must be positive"), (self.num_workers >= 0, "num_workers >= 0"),
             (self.num_threads is None or self.num_threads > 0, "num_threads must be positive"),
+            (self.eval_every is None or self.eval_every > 0, "eval_every must be positive"),
+            (self.eval_samples >= 0 and self.eval_max_new_tokens > 0, "eval_samples >= 0, eval_max_new_tokens > 0"),
+            (self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit must be positive"),
+            (not self.save_best or self.eval_data is not None, "--save-best needs --eval-data"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -192,6 +210,11 @@ def _model_inputs(mb: dict, device) -> dict:
     return out
 
 
+def _llava(model):
+    """The LlavaForConditionalGeneration inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class LlavaLoss(torch.nn.Module):
     """``forward(batch) -> (summed token cross-entropy, supervised token count)`` of a peft-wrapped LLaVA.
 
@@ -204,7 +227,7 @@ class LlavaLoss(torch.nn.Module):
     def __init__(self, peft_model, fused_loss: bool = False):
         super().__init__()
         self.peft_model = peft_model
-        llava = peft_model.get_base_model()
+        llava = _llava(peft_model)
         layer = llava.config.vision_feature_layer
         if not isinstance(layer, int) or llava.config.vision_feature_select_strategy != "default":
             raise UsageError("training supports one vision feature layer with the 'default' strategy")
@@ -216,7 +239,7 @@ class LlavaLoss(torch.nn.Module):
             self.fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None):
-        llava = self.peft_model.get_base_model()
+        llava = _llava(self.peft_model)
         embeds = llava.model.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
             tower = llava.model.vision_tower
@@ -274,12 +297,15 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path | N
     return found[-1][1] if found else None
 
 
-def _save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str) -> Path:
-    """checkpoint-N/: adapter + optimizer, scheduler and RNG state, renamed into place when complete."""
+def _save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str,
+                     heldout_loss: float | None = None) -> Path:
+    """checkpoint-N/: adapter + optimizer, scheduler and RNG state, renamed into place when complete; its
+    run.json records the held-out loss at that step, if one was measured."""
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=run_dir))
+    meta = {"step": step} if heldout_loss is None else {"step": step, "heldout_loss": heldout_loss}
     try:
-        save_adapter(peft_model, tmp, model_dir, {"step": step})
+        save_adapter(peft_model, tmp, model_dir, meta)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -292,6 +318,30 @@ def _save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler,
         keep = f"; the last complete checkpoint is {done[-1][1]}" if done else ""
         raise UsageError(f"cannot write checkpoint-{step} in {run_dir}: {e.strerror or e}{keep}") from None
     return final
+
+
+def best_checkpoint(run_dir: Path) -> tuple[Path, float] | None:
+    """The complete checkpoint of lowest held-out loss (the earliest among equals), from each one's run.json."""
+    scored = []
+    for step, path in checkpoints(run_dir):
+        loss = json.loads((path / RUN_FILE).read_text()).get("heldout_loss")
+        if loss is not None and math.isfinite(loss):
+            scored.append((loss, step, path))
+    return (min(scored)[2], min(scored)[0]) if scored else None
+
+
+def prune_checkpoints(run_dir: Path, limit: int, keep_best: bool) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``limit`` (the best one kept with ``keep_best``); a folder
+    still being written is never complete, so never touched. Returns what was deleted."""
+    done = [path for _, path in checkpoints(run_dir)]
+    keep = set(done[-limit:])
+    best = best_checkpoint(run_dir) if keep_best else None
+    if best is not None:
+        keep.add(best[0])
+    gone = [p for p in done if p not in keep]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
 
 
 def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
@@ -420,6 +470,11 @@ def main(cfg: TrainConfig) -> int:
     accelerator.wait_for_everyone()
     data_file, image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
     records, parse_errors = load_records(data_file)
+    held = None
+    if cfg.eval_data is not None:
+        records, held, held_root, held_errors = heldout_records(cfg.eval_data, cfg.eval_split, cfg.eval_image_dir,
+                                                                records, image_root, cfg.seed)
+        parse_errors = parse_errors + held_errors
     if len(records) < cfg.batch_size * world:
         raise UsageError(f"{data_file}: {len(records)} usable records, fewer than one batch of "
                          f"{cfg.batch_size * world}")
@@ -447,6 +502,11 @@ def main(cfg: TrainConfig) -> int:
     image_tokens = image_tokens_per_image(model.config)
     dataset = TrainDataset(records, image_root, processor, model.config.image_token_id, image_tokens,
                            cfg.max_length)
+    if held is not None:
+        held_dataset = TrainDataset(held, held_root, processor, model.config.image_token_id, image_tokens,
+                                    cfg.max_length)
+        heldout = HeldOut(held, held_root, held_dataset, processor, cfg.batch_size, cfg.eval_samples,
+                          cfg.eval_max_new_tokens, run_dir)
     lora_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
     proj_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
     groups = [{"params": lora_params, "lr": cfg.learning_rate}]
@@ -487,6 +547,8 @@ def main(cfg: TrainConfig) -> int:
     window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
     last_saved = start_step
     watch = SupervisionWatch(min(len(records), NOTHING_LEARNED_AFTER))
+    eval_every = cfg.eval_every or cfg.save_every
+    n_records = len(records) + len(held or []) + len(parse_errors)
     loss_module.train()
     try:
         for step in range(start_step + 1, max_steps + 1):
@@ -536,16 +598,22 @@ def main(cfg: TrainConfig) -> int:
                 window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
             if step == max_steps and not watch.supervised:
                 watch.fail(f"all {watch.drawn} records drawn in {max_steps - start_step} steps")
-            if (step % cfg.save_every == 0 or step == max_steps) and watch.supervised:
+            save_now = (step % cfg.save_every == 0 or step == max_steps) and watch.supervised
+            heldout_loss = None
+            if held is not None and (step % eval_every == 0 or step == max_steps or (cfg.save_best and save_now)):
+                heldout_loss = _evaluate_heldout(heldout, loss_module, accelerator, log, step, bar)
+            if save_now:
                 accelerator.wait_for_everyone()
                 if is_main:
                     unwrapped = accelerator.unwrap_model(loss_module).peft_model
-                    _save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, cfg.model)
+                    _save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, cfg.model, heldout_loss)
+                    if cfg.save_total_limit:
+                        prune_checkpoints(run_dir, cfg.save_total_limit, cfg.save_best)
                     plot_loss(run_dir)
                 last_saved = step
     except RunFailed:
         if is_main:
-            write_data_report(run_dir, len(records) + len(parse_errors), parse_errors)
+            write_data_report(run_dir, n_records, parse_errors)
         raise
     finally:
         bar.close()
@@ -554,13 +622,36 @@ def main(cfg: TrainConfig) -> int:
     accelerator.wait_for_everyone()
     if is_main:
         unwrapped = accelerator.unwrap_model(loss_module).peft_model
-        save_adapter(unwrapped, run_dir, cfg.model, {"step": last_saved})
-        report = write_data_report(run_dir, len(records) + len(parse_errors), parse_errors)
+        best = best_checkpoint(run_dir) if cfg.save_best else None
+        meta = {"step": last_saved}
+        if best is not None:
+            meta.update(best_checkpoint=best[0].name, best_heldout_loss=best[1])
+        save_adapter(unwrapped, run_dir, cfg.model, meta)
+        report = write_data_report(run_dir, n_records, parse_errors)
         curve = plot_loss(run_dir)
         print(f"adapter written to {run_dir} (step {last_saved}); loss curve {curve}; "
               f"{report['skipped']} records skipped, see {run_dir / 'data_report.json'}")
+        if best is not None:
+            print(f"best checkpoint: {best[0]} (held-out loss {best[1]:.4f})")
     accelerator.end_training()
     return 0
+
+
+def _evaluate_heldout(heldout: HeldOut, loss_module, accelerator, log: RunLog, step: int, bar) -> float:
+    """Held-out loss (logged as eval_loss) and, on the main process, the samples' answers; dropout off meanwhile."""
+    unwrapped = accelerator.unwrap_model(loss_module)  # no DDP forward: no gradient follows
+    unwrapped.eval()
+    try:
+        loss, tokens, skipped = heldout.loss(unwrapped, accelerator)
+        log.skipped(skipped, step)
+        if accelerator.is_main_process:
+            heldout.answers(unwrapped.peft_model, step)
+            log.metrics({"step": step, "eval_loss": loss, "eval_tokens": tokens})
+            bar.write(f"step {step}: held-out loss {loss:.4f} over {tokens} tokens")
+    finally:
+        unwrapped.train()
+    accelerator.wait_for_everyone()
+    return loss
 
 
 def _empty_batch(pad_token_id: int) -> dict:
