@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from _model_fixtures import FAST, Models, good_data, model_world, quiet
-from data_fixtures import write_bad_dataset
+from data_fixtures import write_bad_dataset, write_good_dataset
 from llava_lora import cli, prompts, train
 from llava_lora.adapters import apply_lora, wrapped_modules
 from llava_lora.data.records import BadRecord, Record, Turn, load_records
@@ -389,7 +389,7 @@ def test_resume_after_kill_matches_uninterrupted(world: Models, data: Path, tmp_
     assert not any(torch.equal(wa[k], _adapter(a / "checkpoint-4")[k]) for k in wa if "lora_B" in k)
 
 
-def _torchrun(model: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+def _torchrun(model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     import socket
 
     with socket.socket() as sock:  # a free port (torchrun's static rendezvous does not take 0)
@@ -398,17 +398,30 @@ def _torchrun(model: Path, data: Path, out: Path) -> subprocess.CompletedProcess
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
                            "-m", "llava_lora", *_train_args(model, data, out, "--max-steps", "4",
-                                                             "--batch-size", "2", "--save-every", "2")],
+                                                             "--batch-size", "2", "--save-every", "2", *extra)],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_ddp_two_processes_gloo(world: Models, data: Path, tmp_path: Path):
     """Text-only records are grouped by length into image-less micro-batches: the projector gets no gradient
-    on that rank, which DDP must tolerate."""
+    on that rank, which DDP must tolerate. Each process evaluates half the held-out records; the reduced loss
+    equals one process's evaluation of the final adapter."""
+    held = tmp_path / "held"
+    write_good_dataset(held, n=7, seed=1)  # odd: the two shares differ in size
     out = tmp_path / "ddp"
-    proc = _torchrun(world.qwen_model, data, out)
+    proc = _torchrun(world.qwen_model, data, out, "--eval-data", str(held / "chat.json"), "--eval-samples", "2",
+                     "--eval-max-new-tokens", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file()
     assert [s for s, _ in train.checkpoints(out)] == [2, 4]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows and rows[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in rows)
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows and train_rows[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in train_rows)
+    held_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in held_rows] == [2, 4]
+    assert len((out / "samples" / "step-4.jsonl").read_text().splitlines()) == 2
+    assert cli.main(["eval", "--model", str(world.qwen_model), "--adapter", str(out), "--data", str(held),
+                     "--out", str(tmp_path / "eval"), "--dtype", "float32", "--max-new-tokens", "2"]) == 0
+    single = json.loads((tmp_path / "eval" / "summary.json").read_text())["loss"]["finetuned"]
+    assert single["tokens"] == held_rows[-1]["eval_tokens"]
+    assert single["loss"] == pytest.approx(held_rows[-1]["eval_loss"], rel=1e-4)
