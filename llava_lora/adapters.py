@@ -21,27 +21,114 @@ from .fsutil import make_readable
 
 # The language model's layers only: CLIP's attention also has q_proj/v_proj, which must stay untouched.
 LANGUAGE_MODEL_SCOPE = r"model\.language_model\..*"
+VISION_SCOPE = r"model\.vision_tower\..*"
+VISION_PREFIX = "vision_tower."  # a --lora-target entry that asks for LoRA in the vision tower, by name
 PROJECTOR = "multi_modal_projector"
 RUN_FILE = "run.json"
+PRESETS = ("attention", "all-linear")
 
 
-def lora_target_regex(names: list[str]) -> str:
-    """A peft ``target_modules`` regex matching ``names`` inside the language model alone."""
-    alternatives = "|".join(sorted(set(names)))
-    return rf"{LANGUAGE_MODEL_SCOPE}\.({alternatives})"
+def lora_target_regex(names: list[str], vision_names: list[str] = ()) -> str:
+    """A peft ``target_modules`` regex matching ``names`` inside the language model alone (and ``vision_names``
+    inside the vision tower, when asked for)."""
+    scoped = [rf"{LANGUAGE_MODEL_SCOPE}\.({'|'.join(sorted(set(names)))})"] if names else []
+    if vision_names:
+        scoped.append(rf"{VISION_SCOPE}\.({'|'.join(sorted(set(vision_names)))})")
+    return scoped[0] if len(scoped) == 1 else "(" + "|".join(scoped) + ")"
+
+
+def linear_names(module) -> dict[str, bool]:
+    """Leaf names of the ``nn.Linear`` layers inside ``module`` -> whether they sit in an attention block."""
+    import torch
+
+    out: dict[str, bool] = {}
+    for path, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            leaf = path.rsplit(".", 1)[-1]
+            out[leaf] = out.get(leaf, False) or any("attn" in part or "attention" in part
+                                                   for part in path.split(".")[:-1])
+    return out
+
+
+def resolve_targets(model, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(language-model names, vision-tower names) that ``--lora-target`` asks for: explicit names, or the presets
+    ``attention`` (the LM's attention projections) and ``all-linear`` (every linear layer of the LM, as QLoRA
+    recipes use). The vision tower only by name (``vision_tower.q_proj``). A name that matches nothing is refused,
+    naming the layers there are."""
+    lm = linear_names(model.model.language_model)
+    vision = linear_names(model.model.vision_tower)
+    lm_names, vision_names = [], []
+    for t in targets:
+        if t == "attention":
+            lm_names += [n for n, in_attn in lm.items() if in_attn]
+        elif t == "all-linear":
+            lm_names += list(lm)
+        elif t.startswith(VISION_PREFIX):
+            name = t.removeprefix(VISION_PREFIX)
+            if name not in vision:
+                raise UsageError(f"--lora-target {t}: the vision tower has no linear layer '{name}'; its linear "
+                                 f"layers are {', '.join(sorted(vision))}")
+            vision_names.append(name)
+        elif t in lm:
+            lm_names.append(t)
+        else:
+            raise UsageError(f"--lora-target {t}: the language model has no linear layer '{t}'; its linear layers "
+                             f"are {', '.join(sorted(lm))} (or a preset: {', '.join(PRESETS)}; the vision tower's "
+                             f"as {VISION_PREFIX}NAME)")
+    return sorted(set(lm_names)), sorted(set(vision_names))
 
 
 def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str], train_projector: bool = True):
-    """Wrap ``model`` (LlavaForConditionalGeneration) in a peft LoRA model; everything else is frozen."""
+    """Wrap ``model`` (LlavaForConditionalGeneration) in a peft LoRA model; everything else is frozen.
+
+    ``r == 0`` trains the projector alone (LLaVA's stage 1). peft needs one LoRA target, so a frozen rank-1 LoRA
+    on the first attention projection of the LM stands in: its B matrix starts at zero and never trains, which
+    makes it an exact no-op, and the folder still loads with plain peft.
+    """
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(targets),
+    if r == 0:
+        if not train_projector:
+            raise UsageError("--lora-r 0 with --no-train-projector would train nothing")
+        first = next(iter(n for n, attn in linear_names(model.model.language_model).items() if attn))
+        lora = LoraConfig(r=1, lora_alpha=1, target_modules=rf"model\.language_model\.layers\.0\..*\.{first}",
+                          modules_to_save=[PROJECTOR], bias="none")
+        peft_model = get_peft_model(model, lora)
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(False)
+        peft_model.lora_stand_in = True  # param_stats counts its LoRA as not trained
+        return peft_model
+    lm_names, vision_names = resolve_targets(model, targets)
+    if not lm_names and not vision_names:
+        raise UsageError("--lora-target: no layer asked for")
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(lm_names,
+                                                                                                   vision_names),
                       modules_to_save=[PROJECTOR] if train_projector else None, bias="none")
-    peft_model = get_peft_model(model, lora)
-    wrapped = wrapped_modules(peft_model)
-    if not wrapped:
-        raise UsageError(f"--lora-target {targets}: no module of the language model matches")
-    return peft_model
+    return get_peft_model(model, lora)
+
+
+def init_from(peft_model, run: str | Path) -> dict[str, int]:
+    """Load another run's trained weights (RUN_DIR or a checkpoint of it) into a fresh peft model: the projector,
+    and the LoRA matrices when both runs place LoRA alike. Returns the tensors loaded per kind."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    src = adapter_dir(run)
+    theirs = load_file(src / "adapter_model.safetensors")
+    mine = get_peft_model_state_dict(peft_model)
+    source_r = json.loads((src / RUN_FILE).read_text()).get("lora_r") if (src / RUN_FILE).is_file() else None
+    projector = {k: v for k, v in theirs.items() if PROJECTOR in k}
+    lora = {k: v for k, v in theirs.items() if PROJECTOR not in k} if source_r != 0 else {}  # r=0: a no-op stand-in
+    misfit = [k for k, v in {**projector, **lora}.items() if k not in mine or mine[k].shape != v.shape]
+    if misfit:
+        raise UsageError(f"--init-from {run}: {len(misfit)} of its tensors do not fit this run's model (e.g. "
+                         f"{misfit[0]}); LoRA is taken over only with the same --lora-r and --lora-target")
+    if projector and not any(PROJECTOR in k for k in mine):
+        raise UsageError(f"--init-from {run} holds a trained projector, which this run does not train "
+                         "(--no-train-projector)")
+    set_peft_model_state_dict(peft_model, {**projector, **lora})
+    return {"projector": len(projector), "lora": len(lora)}
 
 
 def wrapped_modules(peft_model) -> list[str]:
@@ -93,12 +180,13 @@ def attach_adapter(model, adapter: str | Path, model_dir: str | Path):
 
     src = adapter_dir(adapter)
     meta_path = src / RUN_FILE
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("base_fingerprint") not in (None, fingerprint(model_dir)):
-            raise UsageError(f"--adapter {adapter} was trained on {meta.get('base_model')}, a different base "
-                             f"model than {model_dir} (their configs differ)")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("base_fingerprint") not in (None, fingerprint(model_dir)):
+        raise UsageError(f"--adapter {adapter} was trained on {meta.get('base_model')}, a different base "
+                         f"model than {model_dir} (their configs differ)")
     try:
-        return PeftModel.from_pretrained(model, src)
+        peft_model = PeftModel.from_pretrained(model, src)
+        peft_model.lora_stand_in = meta.get("lora_r") == 0
+        return peft_model
     except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(f"--adapter {adapter} does not fit {model_dir}: {str(e).splitlines()[0]}") from None

@@ -65,7 +65,8 @@ def parse(argv: list[str]) -> tuple[str, object]:
     chosen = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
     if chosen in COMMANDS:
         module, cls_name, _, _ = COMMANDS[chosen]
-        leaves[chosen].add_argument("--config", help="YAML file of config keys; flags given here win")
+        leaves[chosen].add_argument("--config", help="YAML file of config keys, or a packaged recipe's name ("
+                                    + ", ".join(cfglib.recipe_names()) + "); flags given here win")
         cfglib.add_arguments(leaves[chosen], getattr(importlib.import_module(module), cls_name))
         argv = cfglib.dashed_argv(argv, cfglib.flag_names(leaves[chosen]))
     try:

@@ -165,10 +165,20 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
     return value
 
 
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of config keys; a bare name such as ``seed`` is the packaged recipe of that name."""
     p = Path(path)
+    if not p.is_file() and p.suffix == "" and (RECIPES / f"{p.name}.yaml").is_file():
+        p = RECIPES / f"{p.name}.yaml"
     if not p.is_file():
-        raise UsageError(f"config file not found: {p}")
+        raise UsageError(f"config file not found: {p} (packaged recipes: {', '.join(recipe_names())})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

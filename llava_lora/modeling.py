@@ -37,6 +37,7 @@ def param_stats(model: torch.nn.Module) -> list[dict[str, Any]]:
     ``modules_to_save`` module is not counted, its trained copy is). An adapter's parameters count as
     trainable even when it was loaded frozen for inference: they are what fine-tuning trains."""
     rows: dict[str, dict[str, Any]] = {p: {"part": p, "total": 0, "trainable": 0} for p in [*PARTS, "LoRA"]}
+    stand_in = getattr(model, "lora_stand_in", False)  # a projector-only run's frozen no-op LoRA (adapters.py)
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen or ".original_module." in name:
@@ -44,7 +45,7 @@ def param_stats(model: torch.nn.Module) -> list[dict[str, Any]]:
         seen.add(id(p))
         row = rows.setdefault(part_of(name), {"part": part_of(name), "total": 0, "trainable": 0})
         row["total"] += p.numel()
-        trained = p.requires_grad or "lora_" in name or ".modules_to_save." in name
+        trained = p.requires_grad or ("lora_" in name and not stand_in) or ".modules_to_save." in name
         row["trainable"] += p.numel() if trained else 0
     out = [r for r in rows.values() if r["total"] or r["part"] in PARTS]
     total = sum(r["total"] for r in out)

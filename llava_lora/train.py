@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as cfglib
-from .adapters import RUN_FILE, apply_lora, save_adapter, wrapped_modules
+from .adapters import RUN_FILE, apply_lora, init_from, save_adapter, wrapped_modules
 from .config import Alias, field
 from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
 from .data.records import load_records, resolve_data
@@ -45,8 +45,8 @@ from .runlog import RunLog, plot_loss, write_data_report
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "training_state.pt"
 # Keys that define a run: resuming with another value would continue a different experiment.
-RUN_IDENTITY = ("model", "data", "split", "eval_data", "lora_r", "lora_alpha", "lora_target", "train_projector",
-                "batch_size", "gradient_accumulation_steps", "seed", "max_length")
+RUN_IDENTITY = ("model", "data", "split", "eval_data", "init_from", "lora_r", "lora_alpha", "lora_target",
+                "train_projector", "batch_size", "gradient_accumulation_steps", "seed", "max_length")
 
 
 @dataclass
@@ -58,10 +58,15 @@ class TrainConfig:
     split: str | None = field(None, help="data split file in a DATA folder (default: chat.json)")
     resume: bool = field(False, help="continue from the newest complete checkpoint in RUN_DIR")
     overwrite: bool = field(False, help="delete RUN_DIR's previous run and start over")
-    lora_r: int = field(4, help="LoRA rank")
+    lora_r: int = field(4, help="LoRA rank; 0: no LoRA, the projector alone (LLaVA's stage 1)")
     lora_alpha: int = field(8, help="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = field(0.05, help="dropout on the LoRA input")
-    lora_target: list[str] = field(["q_proj", "v_proj"], help="language-model module names that get LoRA")
+    lora_target: list[str] = field(["q_proj", "v_proj"], help="language-model linear layers that get LoRA, by name, "
+                                   "or a preset: attention (q/k/v/o), all-linear; vision-tower layers only as "
+                                   "vision_tower.NAME")
+    init_from: str | None = field(None, help="start from another run's trained weights (RUN_DIR or a checkpoint): "
+                                             "its projector, and its LoRA when placed alike (LLaVA's stage 2 from "
+                                             "stage 1); optimizer and schedule start fresh")
     train_projector: bool = field(True, help="train the multi-modal projector in full (saved with the adapter)")
     learning_rate: float = field(1e-3, help="peak learning rate of the LoRA matrices")
     projector_learning_rate: float | None = field(None, help="peak learning rate of the projector (default: "
@@ -128,7 +133,7 @@ class TrainConfig:
         if self.max_steps is None and self.num_epochs is None:
             self.max_steps = 800
         checks = [
-            (self.lora_r > 0, "lora_r must be positive"), (self.batch_size > 0, "batch_size must be positive"),
+            (self.lora_r >= 0, "lora_r must be >= 0 (0: the projector alone)"), (self.batch_size > 0, "batch_size must be positive"),
             (self.max_steps is None or self.max_steps > 0, "max_steps must be positive"),
             (self.num_epochs is None or self.num_epochs > 0, "num_epochs must be positive"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
@@ -298,12 +303,11 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path | N
 
 
 def _save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str,
-                     heldout_loss: float | None = None) -> Path:
+                     meta: dict) -> Path:
     """checkpoint-N/: adapter + optimizer, scheduler and RNG state, renamed into place when complete; its
-    run.json records the held-out loss at that step, if one was measured."""
+    run.json holds ``meta`` (the step, the held-out loss there if one was measured, how the run started)."""
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=run_dir))
-    meta = {"step": step} if heldout_loss is None else {"step": step, "heldout_loss": heldout_loss}
     try:
         save_adapter(peft_model, tmp, model_dir, meta)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -494,6 +498,11 @@ def main(cfg: TrainConfig) -> int:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
+    run_meta = {"lora_r": cfg.lora_r, "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
+    if cfg.init_from:
+        loaded = init_from(peft_model, cfg.init_from)
+        if is_main:
+            print(f"starting from {cfg.init_from}: {loaded['projector']} projector and {loaded['lora']} LoRA tensors")
     if cfg.compile:  # in place, so parameter names (and so checkpoints) stay those of the plain model
         # dynamic: every batch has its own padded length; the default (static first, dynamic on the second
         # shape) compiles twice. AOTAutograd recomputes the fused element-wise ops (norms, SiLU, RoPE) in the
@@ -509,7 +518,7 @@ def main(cfg: TrainConfig) -> int:
                           cfg.eval_max_new_tokens, run_dir)
     lora_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
     proj_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
-    groups = [{"params": lora_params, "lr": cfg.learning_rate}]
+    groups = [{"params": lora_params, "lr": cfg.learning_rate}] if lora_params else []
     if proj_params:
         groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
     accum = cfg.gradient_accumulation_steps
@@ -536,7 +545,8 @@ def main(cfg: TrainConfig) -> int:
               f"-> {run_dir}")
         print(f"device {device} x{world}, precision {precision}, attention {attn_implementation}, fused loss "
               f"{'on' if fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize {cfg.quantize}; "
-              f"LoRA r={cfg.lora_r} on {len(wrapped_modules(peft_model))} modules; "
+              + (f"LoRA r={cfg.lora_r} on {len(wrapped_modules(peft_model))} modules; " if cfg.lora_r else
+                 "no LoRA (the projector alone); ")
               + (f"resuming from {resume_from.name}" if resume_from else "starting fresh"))
         print(f"{max_steps} steps of {cfg.batch_size * world * accum} samples: "
               f"{max_steps * accum / len(sampler):.2f} epochs of {len(sampler)} micro-steps")
@@ -571,6 +581,8 @@ def main(cfg: TrainConfig) -> int:
                 sync = accelerator.no_sync(loss_module) if j < accum - 1 else contextlib.nullcontext()
                 with sync, accelerator.autocast():
                     loss_sum, _ = loss_module(**_model_inputs(mb, accelerator.device))
+                    if not loss_sum.requires_grad:  # projector alone and no image here: a zero with a graph,
+                        loss_sum = loss_sum + sum(p.sum() for p in trainable) * 0.0  # so every rank's backward runs
                     # Token mean over the whole global batch; DDP averages gradients over processes.
                     loss = loss_sum / global_supervised * world
                 accelerator.backward(loss)
@@ -606,7 +618,10 @@ def main(cfg: TrainConfig) -> int:
                 accelerator.wait_for_everyone()
                 if is_main:
                     unwrapped = accelerator.unwrap_model(loss_module).peft_model
-                    _save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, cfg.model, heldout_loss)
+                    meta = {**run_meta, "step": step}
+                    if heldout_loss is not None:
+                        meta["heldout_loss"] = heldout_loss
+                    _save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, cfg.model, meta)
                     if cfg.save_total_limit:
                         prune_checkpoints(run_dir, cfg.save_total_limit, cfg.save_best)
                     plot_loss(run_dir)
@@ -623,7 +638,7 @@ def main(cfg: TrainConfig) -> int:
     if is_main:
         unwrapped = accelerator.unwrap_model(loss_module).peft_model
         best = best_checkpoint(run_dir) if cfg.save_best else None
-        meta = {"step": last_saved}
+        meta = {**run_meta, "step": last_saved}
         if best is not None:
             meta.update(best_checkpoint=best[0].name, best_heldout_loss=best[1])
         save_adapter(unwrapped, run_dir, cfg.model, meta)
