@@ -32,7 +32,7 @@ from .modeling import format_param_stats, format_table, param_stats, quiet_trans
 @dataclass
 class BuildConfig:
     llm: str = field(help="chat causal LM: hub id or local folder")
-    vision: str = field(help="CLIP checkpoint (CLIPModel or CLIPVisionModel): hub id or local folder")
+    vision: str = field(help="CLIP or SigLIP checkpoint (full or vision-only): hub id or local folder")
     out: str = field(help="MODEL_DIR to write")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         "auto", help="dtype of the composed model; auto: the LLM's own dtype")
@@ -69,13 +69,27 @@ def _llm_config(src: str):
     return cfg
 
 
+# Vision families a LLaVA can hold: (tower class, feature strategy, extra tokens the tower adds per image).
+# CLIP has a CLS token, which LLaVA's "default" strategy drops; SigLIP has none, so every patch is kept ("full").
+VISION_FAMILIES = {
+    "clip": ("CLIPVisionModel", "default", 1),
+    "siglip": ("SiglipVisionModel", "full", 0),
+}
+# model_type -> family; a full (image + text) checkpoint's vision part is taken
+_VISION_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+
+
 def _vision_config(src: str):
+    """(the vision tower's config, its family)."""
     cfg = _load_config(src, "--vision")
-    if cfg.model_type == "clip":
-        return cfg.vision_config
-    if cfg.model_type == "clip_vision_model":
-        return cfg
-    raise UsageError(f"--vision {src} is a '{cfg.model_type}' checkpoint, not CLIP (clip or clip_vision_model)")
+    if cfg.model_type in ("siglip2", "siglip2_vision_model"):
+        raise UsageError(f"--vision {src} is a SigLIP2 NaFlex tower ('{cfg.model_type}'): it needs per-image patch "
+                         "masks and shapes that LlavaForConditionalGeneration does not pass; a SigLIP2 checkpoint "
+                         "saved as model_type 'siglip' (fixed resolution) composes like SigLIP")
+    if cfg.model_type not in _VISION_TYPES:
+        raise UsageError(f"--vision {src} is a '{cfg.model_type}' checkpoint, not CLIP or SigLIP (one of "
+                         f"{', '.join(_VISION_TYPES)})")
+    return getattr(cfg, "vision_config", cfg), _VISION_TYPES[cfg.model_type]
 
 
 def _chat_template(tokenizer, src: str, template_file: str | None) -> str:
@@ -147,13 +161,15 @@ def _end_of_turn_ids(tokenizer, llm_generation_config) -> list[int]:
 
 def compose(cfg: BuildConfig, workdir: Path) -> dict:
     """Write the composed checkpoint into ``workdir``; return what the report needs to check it."""
-    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel,
-                              GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    import transformers
+    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
     from tokenizers import AddedToken
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     llm_cfg = _llm_config(cfg.llm)
-    vision_cfg = _vision_config(cfg.vision)
+    vision_cfg, vision_family = _vision_config(cfg.vision)
+    tower_class, strategy, extra_tokens = VISION_FAMILIES[vision_family]
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     template = _chat_template(tokenizer, cfg.llm, cfg.chat_template)
     llava_template = _trainable_template(tokenizer, template, cfg)
@@ -166,7 +182,7 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
 
     with quiet_transformers():  # CLIPModel's text tower is skipped on purpose: no "UNEXPECTED keys" table
         llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
-        vision = CLIPVisionModel.from_pretrained(cfg.vision, dtype=dtype)
+        vision = getattr(transformers, tower_class).from_pretrained(cfg.vision, dtype=dtype)
     image_processor = AutoImageProcessor.from_pretrained(cfg.vision, backend="pil")
 
     tokenizer.add_tokens([AddedToken(cfg.image_token, special=True, normalized=False)], special_tokens=True)
@@ -182,11 +198,11 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
     base = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.base_model
     lm_head = llm.get_output_embeddings()
     tied = bool(getattr(llm.config, "tie_word_embeddings", False))
-    n_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2  # CLS dropped ("default" strategy)
+    n_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2  # patches (CLIP's CLS dropped)
     config = LlavaConfig(
         vision_config=vision_cfg.to_dict(), text_config=llm.config.to_dict(), image_token_id=image_token_id,
         image_seq_length=n_image_tokens, vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy="default", projector_hidden_act=cfg.projector_hidden_act,
+        vision_feature_select_strategy=strategy, projector_hidden_act=cfg.projector_hidden_act,
         tie_word_embeddings=tied,
     )
     config.dtype = dtype
@@ -225,7 +241,7 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
     tokenizer.chat_template = llava_template
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_cfg.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLIP's CLS token
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,  # CLIP's CLS
         chat_template=llava_template, image_token=cfg.image_token,
     )
     processor.save_pretrained(workdir)
@@ -235,6 +251,7 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
         "expected": expected, "dtype": str(dtype).removeprefix("torch."), "src_dtype": str(src_dtype).removeprefix(
             "torch."), "resized": resized, "src_rows": src_rows, "tied": tied, "params": stats,
         "image_tokens": n_image_tokens, "template_family": templates.family(template),
+        "vision_family": vision_family, "feature_strategy": strategy,
     }
 
 
@@ -259,7 +276,7 @@ def verify(workdir: Path, built: dict) -> dict:
     processor = AutoProcessor.from_pretrained(workdir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    size = processor.image_processor.crop_size
+    size = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size  # SigLIP: no crop
     inputs = processor(text=prompt, images=Image.new("RGB", (size["width"], size["height"])), return_tensors="pt")
     n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     with torch.no_grad():
@@ -286,6 +303,7 @@ def main(cfg: BuildConfig) -> int:
             "llm_dtype": built["src_dtype"], "tie_word_embeddings": built["tied"],
             "embeddings_resized": built["resized"], "llm_vocab_rows": built["src_rows"],
             "chat_template_family": built["template_family"], "image_tokens_per_image": built["image_tokens"],
+            "vision_family": built["vision_family"], "vision_feature_select_strategy": built["feature_strategy"],
             "parameters": built["params"], "checks": checked, "seconds": round(time.time() - t0, 2),
             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         }
@@ -306,6 +324,7 @@ def format_build_report(report: dict, out: Path) -> str:
         {"": "tied embeddings", "value": report["tie_word_embeddings"]},
         {"": "embeddings resized", "value": report["embeddings_resized"]},
         {"": "chat template", "value": report["chat_template_family"]},
+        {"": "vision tower", "value": f"{report['vision_family']} (features: {report['vision_feature_select_strategy']})"},
         {"": "image tokens / image", "value": report["image_tokens_per_image"]},
         {"": "tensors checked", "value": f"{report['checks']['tensors_checked']} equal to their sources"},
     ]

@@ -210,6 +210,34 @@ def tiny_clip(out: Path, image_size: int = 32, patch_size: int = 8, hidden_size:
     return out
 
 
+def tiny_siglip(out: Path, image_size: int = 32, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+                vision_only: bool = False, seed: int = 0) -> Path:
+    """A SigLIP tower (a full SiglipModel, or a SiglipVisionModel alone) with its SiglipImageProcessor: no CLS
+    token, so a LLaVA keeps every patch ("full" feature strategy)."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    vision = dict(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    if vision_only:
+        model = SiglipVisionModel(SiglipVisionConfig(**vision))
+    else:
+        text = dict(vocab_size=512, hidden_size=hidden_size, intermediate_size=hidden_size * 2, pad_token_id=1,
+                    bos_token_id=0, eos_token_id=1, num_hidden_layers=num_layers, num_attention_heads=4,
+                    max_position_embeddings=64)
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    table = next(m for n, m in model.named_modules()
+                 if n.endswith("embeddings.position_embedding") and "text" not in n).weight
+    grid = image_size // patch_size
+    with torch.no_grad():  # as tiny_clip: a 2-D position code the size of the patch features (no CLS row)
+        pos = sincos_2d(grid, hidden_size)
+        table[:] = pos * (POSITION_STD / pos.std())
+    model.save_pretrained(out)
+    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return out
+
+
 def write_all(root: Path) -> dict[str, Path]:
     """The three source checkpoints under ``root``: ``qwen2``, ``llama``, ``clip``."""
     root.mkdir(parents=True, exist_ok=True)

@@ -234,9 +234,8 @@ class LlavaLoss(torch.nn.Module):
         self.peft_model = peft_model
         llava = _llava(peft_model)
         layer = llava.config.vision_feature_layer
-        if not isinstance(layer, int) or llava.config.vision_feature_select_strategy != "default":
-            raise UsageError("training supports one vision feature layer with the 'default' strategy")
-        self.feature_layer = layer
+        self.feature_layers = [layer] if isinstance(layer, int) else list(layer)
+        self.drop_cls = llava.config.vision_feature_select_strategy == "default"
         self.fused = None
         if fused_loss:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -248,9 +247,10 @@ class LlavaLoss(torch.nn.Module):
         embeds = llava.model.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
             tower = llava.model.vision_tower
-            with torch.no_grad():
+            with torch.no_grad():  # LlavaModel.get_image_features' selection: layers concatenated, CLS dropped
                 hidden = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
-                feats = hidden[self.feature_layer][:, 1:]  # [N, P, Dv], CLS dropped
+                feats = torch.cat([hidden[k][:, 1:] if self.drop_cls else hidden[k] for k in self.feature_layers],
+                                  dim=-1)  # [N, P, Dv * layers]
             feats = llava.model.multi_modal_projector(feats)  # [N, P, D]
             image_mask = (input_ids == llava.config.image_token_id).unsqueeze(-1)  # [B, T, 1]
             embeds = embeds.masked_scatter(image_mask, feats.to(embeds.dtype))
