@@ -108,7 +108,7 @@ def _chat_template(tokenizer, src: str, template_file: str | None) -> str:
 
 def _trainable_template(tokenizer, template: str, cfg: BuildConfig) -> str:
     """The composed model's template, proven (before any weight loads) to mark exactly the answers."""
-    composed = templates.llava_template(template, cfg.image_token)
+    composed = templates.llava_template(template, cfg.image_token, tokenizer)
     try:
         templates.check(tokenizer, template, composed, cfg.image_token)
     except Exception as e:  # a template error (jinja, raise_exception) is the template's fault, like a wrong mask

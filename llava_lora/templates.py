@@ -12,6 +12,8 @@ That holds for every template that renders a conversation as an extension of the
 
 from __future__ import annotations
 
+import json
+import os
 import re
 
 _FLATTEN = (
@@ -26,18 +28,25 @@ _FLATTEN = (
     "{%- endmacro -%}"
 )
 
+# ChatML (Qwen1.5, Qwen2, Qwen2.5). SYSTEM_PROMPT: the LLM's own default, rendered from its template (none for
+# templates that add none). THINK: Qwen3's empty reasoning block, written as its template writes it in
+# non-thinking mode: before each answer that follows the last user turn, and after the generation prompt.
 CHATML = _FLATTEN + (
+    "{%- set ns_q = namespace(last=-1) -%}"
+    "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set ns_q.last = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
     "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{%- if loop.first and message['role'] != 'system' and 'SYSTEM_PROMPT' -%}"
     "{{ '<|im_start|>system\\nSYSTEM_PROMPT<|im_end|>\\n' }}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ llava_text(message['content']) + '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\\n' }}"
+    "{{ '<|im_start|>assistant\\n' }}{%- if loop.index0 > ns_q.last -%}{{ 'THINK' }}{%- endif -%}"
+    "{% generation %}{{ llava_text(message['content']) + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
     "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + llava_text(message['content']) + '<|im_end|>\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\nTHINK' }}{%- endif -%}"
 )
+QWEN3_THINK = "<think>\\n\\n</think>\\n\\n"
 
 LLAMA3 = _FLATTEN + (
     "{{- bos_token -}}"
@@ -62,12 +71,15 @@ _GENERIC_PRELUDE = _FLATTEN + (
 
 # Any other template, marked by difference. The LLM's template becomes the macro `llm_render`; the output is
 # the same text, with each assistant turn's part after the generation prompt (its trailing whitespace left out)
-# inside {% generation %}.
+# inside {% generation %}. TAIL is what the template writes only at the very end of a conversation (Phi-3's
+# eos_token): it is cut from every rendering of a prefix, and written once at the end.
 _BY_PREFIX = (
     "{%- macro llm_render(messages, add_generation_prompt) -%}LLM_TEMPLATE{%- endmacro -%}"
+    "{%- macro stable(text) -%}{{ text[:(text | length) - (TAIL | length)] if TAIL and text.endswith(TAIL) "
+    "else text }}{%- endmacro -%}"
     "{%- set ns_out = namespace(done='') -%}"
     "{%- for i in range(messages | length) -%}"
-    "{%- set upto = llm_render(messages[:i + 1], false) | string -%}"
+    "{%- set upto = stable(llm_render(messages[:i + 1], false) | string) | string -%}"
     "{%- if messages[i]['role'] == 'assistant' -%}"
     "{%- set asked = llm_render(messages[:i], true) | string -%}"
     "{%- set answer = upto[asked | length:] -%}{%- set body = answer.rstrip() -%}"
@@ -75,7 +87,8 @@ _BY_PREFIX = (
     "{%- else -%}{{ upto[ns_out.done | length:] }}{%- endif -%}"
     "{%- set ns_out.done = upto -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ (llm_render(messages, true) | string)[ns_out.done | length:] }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ (llm_render(messages, true) | string)[ns_out.done | length:] }}"
+    "{%- else -%}{{ (llm_render(messages, false) | string)[ns_out.done | length:] }}{%- endif -%}"
 )
 
 
@@ -90,27 +103,52 @@ def family(template: str) -> str:
     return "generic"
 
 
-def _chatml_system_prompt(template: str) -> str:
-    """The default system prompt the LLM's ChatML template inserts (Qwen1.5: 'You are a helpful assistant.')."""
-    marker = "<|im_start|>system\\n"
-    for text in (template, template.replace("\n", "\\n")):
-        start = text.find(marker)
-        if start >= 0:
-            end = text.find("<|im_end|>", start)
-            return text[start + len(marker):end]
-    return "You are a helpful assistant."
+def _render(tokenizer, template: str, messages: list[dict], gen: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=gen)
 
 
-def llava_template(template: str, image_token: str = "<image>") -> str:
-    """The composed model's template for an LLM whose own template is ``template``."""
+def _chatml_system_prompt(tokenizer, template: str) -> str:
+    """The system prompt the LLM's ChatML template adds to a conversation without one (Qwen1.5: 'You are a
+    helpful assistant.'; Qwen3: none), read off its rendering of one user turn."""
+    marker = "<|im_start|>system\n"
+    text = _render(tokenizer, template, [{"role": "user", "content": "Hi"}])
+    start = text.find(marker)
+    return "" if start < 0 else text[start + len(marker):text.find("<|im_end|>", start)]
+
+
+def _end_tail(tokenizer, template: str) -> str:
+    """What the template writes after a conversation's last turn only (Phi-3 ends with its eos_token when no
+    generation prompt follows): the part of an answered rendering that the next turn's rendering does not keep."""
+    flat = _flat(probe_messages(), "<image>")
+    answered, continued = _render(tokenizer, template, flat[:2]), _render(tokenizer, template, flat[:3])
+    cut = len(os.path.commonprefix([answered, continued]))
+    # characters can agree inside a token ('<|endoftext|>' vs '<|user|>'): the tail starts where its token does
+    for start, end in tokenizer(answered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]:
+        if start < cut < end:
+            cut = start
+    return answered[cut:]
+
+
+def _jinja_string(text: str) -> str:
+    return json.dumps(text)  # a double-quoted literal with backslash escapes, which Jinja reads as written
+
+
+def llava_template(template: str, image_token: str = "<image>", tokenizer=None) -> str:
+    """The composed model's template for an LLM whose own template is ``template`` (``tokenizer`` renders it
+    where the composition needs to read what it writes)."""
     kind = family(template)
     if kind == "chatml":
-        return CHATML.replace("IMAGE_TOKEN", image_token).replace("SYSTEM_PROMPT", _chatml_system_prompt(template))
+        system = _chatml_system_prompt(tokenizer, template) if tokenizer is not None else "You are a helpful assistant."
+        think = QWEN3_THINK if "<think>" in template else ""
+        return (CHATML.replace("IMAGE_TOKEN", image_token).replace("SYSTEM_PROMPT", system.replace("'", "\\'"))
+                .replace("THINK", think))
     if kind == "llama3":
         return LLAMA3.replace("IMAGE_TOKEN", image_token)
     if kind == "marked":
         return _GENERIC_PRELUDE.replace("IMAGE_TOKEN", image_token) + template
-    return _GENERIC_PRELUDE.replace("IMAGE_TOKEN", image_token) + _BY_PREFIX.replace("LLM_TEMPLATE", template)
+    tail = _end_tail(tokenizer, template) if tokenizer is not None else ""
+    return (_GENERIC_PRELUDE.replace("IMAGE_TOKEN", image_token)
+            + _BY_PREFIX.replace("LLM_TEMPLATE", template).replace("TAIL", _jinja_string(tail)))
 
 
 def has_generation_markers(template: str) -> bool:
@@ -119,6 +157,12 @@ def has_generation_markers(template: str) -> bool:
 
 # A probe conversation: two exchanges, the image in the first question; its texts are easy to find in tokens.
 PROBE_TEXTS = ("Which colour is the square?", "The square is red.", "And the circle?", "The circle is blue.")
+
+
+def _flat(msgs: list[dict], image_token: str) -> list[dict]:
+    """Messages with string contents, as an LLM's own template expects them."""
+    return [{"role": m["role"], "content": "\n".join(image_token if p["type"] == "image" else p["text"]
+                                                     for p in m["content"])} for m in msgs]
 
 
 def probe_messages() -> list[dict]:
@@ -130,13 +174,12 @@ def probe_messages() -> list[dict]:
 
 
 def check(tokenizer, llm_template: str, composed: str, image_token: str) -> None:
-    """Prove on the probe conversation that ``composed`` renders as the LLM's own template does and marks
-    exactly the answers: each answer's text is inside the assistant mask, no question's text is, and asking
-    for the next turn renders a prefix of the conversation that answers it. Raises ``ValueError`` saying what
-    failed."""
+    """Prove on the probe conversation that ``composed`` renders as the LLM's own template does (when it wraps
+    it) and marks exactly the answers: each marked span is one answer's tokens and one end-of-turn token, the
+    same after every answer; and asking for the next turn renders a prefix of the conversation that answers it.
+    Raises ``ValueError`` saying what failed."""
     msgs = probe_messages()
-    flat = [{"role": m["role"], "content": "\n".join(image_token if p["type"] == "image" else p["text"]
-                                                     for p in m["content"])} for m in msgs]
+    flat = _flat(msgs, image_token)
     if family(llm_template) in ("generic", "marked"):
         for gen in (False, True):
             mine = tokenizer.apply_chat_template(msgs[:3] if gen else msgs, chat_template=composed, tokenize=False,
@@ -149,13 +192,21 @@ def check(tokenizer, llm_template: str, composed: str, image_token: str) -> None
     out = tokenizer.apply_chat_template(msgs, chat_template=composed, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
     ids, mask = out["input_ids"], out["assistant_masks"]
-    marked = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-    unmarked = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
-    q1, a1, q2, a2 = PROBE_TEXTS
-    if not (a1 in marked and a2 in marked):
-        raise ValueError("its assistant turns come out unmarked")
-    if q1 in marked or q2 in marked or a1 in unmarked or a2 in unmarked:
-        raise ValueError("its assistant mask covers text that is not an answer")
+    runs, run = [], []  # the marked token runs, in order
+    for token, marked in zip(ids, mask):
+        if marked:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    answers = [PROBE_TEXTS[1], PROBE_TEXTS[3]]
+    if len(runs) != len(answers):
+        raise ValueError(f"it marks {len(runs)} spans of the 2 answers" if runs else
+                         "its assistant turns come out unmarked")
+    # each span: the answer's tokens, then one end-of-turn token, the same for every answer
+    if len({r[-1] for r in runs}) != 1 or any(tokenizer.decode(r[:-1]).strip() != a for r, a in zip(runs, answers)):
+        shown = " | ".join(repr(tokenizer.decode(r)) for r in runs)
+        raise ValueError(f"its assistant mask is not each answer and its end-of-turn token: {shown}")
     asked = tokenizer.apply_chat_template(msgs[:3], chat_template=composed, tokenize=False, add_generation_prompt=True)
     whole = tokenizer.apply_chat_template(msgs, chat_template=composed, tokenize=False)
     if not whole.startswith(asked):

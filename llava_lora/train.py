@@ -161,10 +161,23 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def resolve_attn_implementation(choice: str, device: str) -> str:
-    """The transformers ``attn_implementation`` of ``--attn-implementation`` on ``device``."""
+def _lm_supports_sdpa(model_dir: str | None) -> bool:
+    """Whether MODEL_DIR's language model has an SDPA path (Gemma 2's soft-capped attention has none)."""
+    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+        return True
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    return getattr(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_config), None), "_supports_sdpa", True)
+
+
+def resolve_attn_implementation(choice: str, device: str, model_dir: str | None = None) -> str:
+    """The transformers ``attn_implementation`` of ``--attn-implementation`` on ``device`` (auto: flash attention
+    where installed on a GPU, else SDPA where the language model has it, else eager)."""
     if choice == "auto":
-        return "flash_attention_2" if device == "cuda" and _installed("flash_attn") else "sdpa"
+        if device == "cuda" and _installed("flash_attn"):
+            return "flash_attention_2"
+        return "sdpa" if _lm_supports_sdpa(model_dir) else "eager"
     if choice == "flash_attention_2" and (device != "cuda" or not _installed("flash_attn")):
         raise UsageError("--attn-implementation flash_attention_2 needs a CUDA device and the flash-attn package "
                          "(pip install flash-attn); use sdpa")
@@ -464,7 +477,7 @@ def main(cfg: TrainConfig) -> int:
     # refused here, before RUN_DIR is touched or a model loaded: an option that cannot apply is never ignored
     check_quantize(cfg.quantize, device)
     check_compile(cfg.compile, device)
-    attn_implementation = resolve_attn_implementation(cfg.attn_implementation, device)
+    attn_implementation = resolve_attn_implementation(cfg.attn_implementation, device, cfg.model)
     fused_loss = resolve_fused_loss(cfg.fused_loss, device)
     # find_unused_parameters: a micro-batch without images leaves the projector without gradients
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
