@@ -28,6 +28,8 @@ from llava_lora.demo import (  # noqa: E402
 from llava_lora.errors import UsageError  # noqa: E402
 from llava_lora.inference import GenerationSettings, answer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here trains or serves a model: `make test` runs them
+
 # max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty
 GREEDY = (12, True, 0.7, 1.0, 0, 1.0)
 SETTINGS = GenerationSettings(max_new_tokens=12)

@@ -18,6 +18,8 @@ from llava_lora.inference import GenerationSettings
 from llava_lora.metrics import METRICS
 from llava_lora.modeling import load_model
 
+pytestmark = pytest.mark.slow  # every test here trains or serves a model: `make test` runs them
+
 SETTINGS = GenerationSettings(max_new_tokens=6)
 
 

@@ -17,6 +17,8 @@ from llava_lora.data.records import Record, Turn, load_records, resolve_data
 from llava_lora.inference import GenerationSettings
 from llava_lora.modeling import load_model
 
+pytestmark = pytest.mark.slow  # every test here trains or serves a model: `make test` runs them
+
 SETTINGS = GenerationSettings(max_new_tokens=6)
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here trains or serves a model: `make test` runs them
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py"
 
 

@@ -155,6 +155,7 @@ def test_loss_without_mask_equals_masked_loss(world: Models, data: Path):
         torch.testing.assert_close(g_unmasked[n], g_masked[n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_metrics_rows_carry_step_time(world: Models, data: Path, tmp_path):
     out = tmp_path / "run"
     cfg = train.TrainConfig(model=str(world.qwen_model), data=str(data), out=str(out), max_steps=2, batch_size=4,
@@ -177,6 +178,7 @@ def test_fast_path_flags_on_the_command_line():
     assert (cfg.attn_implementation, cfg.fused_loss, cfg.compile, cfg.quantize) == ("eager", "off", True, "none")
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(world: Models, data: Path, tmp_path):
     """`--compile` trains the same: every step's loss and the saved adapter agree with the eager run. Batches of
     other padded lengths reuse the first step's compiled code (dynamic shapes): three steps compile no more

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llava_lora import cli, quickstart
+
+pytestmark = pytest.mark.slow  # the whole pipeline: `make test` runs it
 
 
 def test_quickstart_writes_every_stage(tmp_path: Path, capsys):

@@ -203,6 +203,7 @@ def run(world: Models, data: Path, tmp_path_factory) -> _Run:
     return out
 
 
+@pytest.mark.slow
 def test_run_changes_trainable_only(run: _Run):
     assert run.trainable and all("lora_" in n or "multi_modal_projector" in n for n in run.trainable)
     for n, before in run.before.items():
@@ -216,6 +217,7 @@ def test_run_changes_trainable_only(run: _Run):
     assert any("language_model" in n and "base_layer" in n for n in frozen)
 
 
+@pytest.mark.slow
 def test_run_loss_falls_and_files_written(run: _Run):
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
@@ -227,6 +229,7 @@ def test_run_loss_falls_and_files_written(run: _Run):
     assert json.loads((run.dir / "data_report.json").read_text())["skipped"] == 0
 
 
+@pytest.mark.slow
 def test_projector_in_every_checkpoint(run: _Run):
     from safetensors.torch import load_file as load
 
@@ -245,6 +248,7 @@ def test_projector_in_every_checkpoint(run: _Run):
             assert not torch.equal(v.float(), base_proj[name].float()), (step, k)
 
 
+@pytest.mark.slow
 def test_final_adapter_loads_with_plain_peft(run: _Run):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
@@ -265,6 +269,7 @@ IMAGE_REASONS = {"missing_image", "empty_image", "not_an_image", "truncated_imag
                  "image_too_large"}
 
 
+@pytest.mark.slow
 def test_bad_records_trained_through(world: Models, tmp_path: Path, capsys):
     data = tmp_path / "data"
     expected = write_bad_dataset(data)
@@ -314,6 +319,7 @@ def _unmarked_copy(model_dir: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_run_that_learns_nothing_fails_loudly(world: Models, data: Path, tmp_path: Path, capsys):
     """Every record supervises nothing: exit 1 with the skip counts and what to do; no adapter, no checkpoint."""
     model = _unmarked_copy(world.qwen_model, tmp_path / "model")
@@ -329,6 +335,7 @@ def test_run_that_learns_nothing_fails_loudly(world: Models, data: Path, tmp_pat
     assert report["by_reason"] == {"empty_supervision": n}
 
 
+@pytest.mark.slow
 def test_short_run_that_learns_nothing_fails_at_its_end(world: Models, data: Path, tmp_path: Path, capsys):
     model = _unmarked_copy(world.qwen_model, tmp_path / "model")
     rc = cli.main(_train_args(model, data, tmp_path / "run", "--max-steps", "2", "--batch-size", "2"))
@@ -337,6 +344,7 @@ def test_short_run_that_learns_nothing_fails_at_its_end(world: Models, data: Pat
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_num_epochs_sizes_the_run(world: Models, data: Path, tmp_path: Path, capsys):
     n = len(json.loads((data / "chat.json").read_text()))
     out = tmp_path / "run"
@@ -362,6 +370,7 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
     "0.0",
     "0.05",  # the default dropout: its masks must follow the restored RNG
 ])
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(world: Models, data: Path, tmp_path: Path, dropout: str):
     flags = ["--max-steps", "12", "--save-every", "4", "--batch-size", "4", "--log-every", "1",
              "--lora-dropout", dropout]
@@ -402,6 +411,7 @@ def _torchrun(model: Path, data: Path, out: Path, *extra: str) -> subprocess.Com
                           capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(world: Models, data: Path, tmp_path: Path):
     """Text-only records are grouped by length into image-less micro-batches: the projector gets no gradient
     on that rank, which DDP must tolerate. Each process evaluates half the held-out records; the reduced loss
