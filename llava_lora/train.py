@@ -466,202 +466,299 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
-def main(cfg: TrainConfig) -> int:
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+class Throughput:
+    """Training figures averaged over the steps since the last log row."""
 
-    run_dir = Path(cfg.out)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = _precision(cfg, device)
-    # refused here, before RUN_DIR is touched or a model loaded: an option that cannot apply is never ignored
-    check_quantize(cfg.quantize, device)
-    check_compile(cfg.compile, device)
-    attn_implementation = resolve_attn_implementation(cfg.attn_implementation, device, cfg.model)
-    fused_loss = resolve_fused_loss(cfg.fused_loss, device)
-    # find_unused_parameters: a micro-batch without images leaves the projector without gradients
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    resume_from = _prepare_run_dir(cfg, run_dir, is_main)
-    accelerator.wait_for_everyone()
-    data_file, image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
-    records, parse_errors = load_records(data_file)
-    held = None
-    if cfg.eval_data is not None:
-        records, held, held_root, held_errors = heldout_records(cfg.eval_data, cfg.eval_split, cfg.eval_image_dir,
-                                                                records, image_root, cfg.seed)
-        parse_errors = parse_errors + held_errors
-    if len(records) < cfg.batch_size * world:
-        raise UsageError(f"{data_file}: {len(records)} usable records, fewer than one batch of "
-                         f"{cfg.batch_size * world}")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfglib.save(cfg, run_dir / CONFIG_FILE)
+    def __init__(self):
+        self.loss, self.tokens, self.samples, self.steps, self.start = 0.0, 0, 0, 0, time.perf_counter()
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model, processor = _load_model(cfg, device, precision, attn_implementation, accelerator.local_process_index)
-    if cfg.gradient_checkpointing:
-        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
-                            cfg.train_projector)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
-    run_meta = {"lora_r": cfg.lora_r, "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
-    if cfg.init_from:
-        loaded = init_from(peft_model, cfg.init_from)
-        if is_main:
-            print(f"starting from {cfg.init_from}: {loaded['projector']} projector and {loaded['lora']} LoRA tensors")
-    if cfg.compile:  # in place, so parameter names (and so checkpoints) stay those of the plain model
-        # dynamic: every batch has its own padded length; the default (static first, dynamic on the second
-        # shape) compiles twice. AOTAutograd recomputes the fused element-wise ops (norms, SiLU, RoPE) in the
-        # backward instead of saving their outputs: 38-44% less peak RSS in the CPU benchmarks, no faster step.
-        model.model.language_model.compile(dynamic=True)
-    image_tokens = image_tokens_per_image(model.config)
-    dataset = TrainDataset(records, image_root, processor, model.config.image_token_id, image_tokens,
-                           cfg.max_length)
-    if held is not None:
-        held_dataset = TrainDataset(held, held_root, processor, model.config.image_token_id, image_tokens,
-                                    cfg.max_length)
-        heldout = HeldOut(held, held_root, held_dataset, processor, cfg.batch_size, cfg.eval_samples,
-                          cfg.eval_max_new_tokens, run_dir)
-    lora_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
-    proj_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
-    groups = [{"params": lora_params, "lr": cfg.learning_rate}] if lora_params else []
-    if proj_params:
-        groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
-    accum = cfg.gradient_accumulation_steps
-    sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, rank=rank, world=world,
-                                    lengths=_estimated_lengths(records, image_tokens) if cfg.group_by_length else None)
-    max_steps = total_steps(cfg, len(sampler))
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps),
-                              num_training_steps=max_steps)
-    start_step = _load_checkpoint(resume_from, peft_model, optimizer, scheduler) if resume_from else 0
-    sampler.start = start_step * accum
-    loss_module, optimizer = accelerator.prepare(LlavaLoss(peft_model, fused_loss), optimizer)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
-        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=device == "cuda",
-        # its own generator: creating the iterator must not draw from the global RNG that dropout uses,
-        # or a resumed run's dropout masks would be shifted by one draw
-        generator=torch.Generator().manual_seed(cfg.seed))
-    log = RunLog(run_dir, rank, is_main, cfg.tensorboard)
-    if is_main:
-        print(f"training {cfg.model} on {data_file} ({len(records)} records, {len(parse_errors)} rejected) "
-              f"-> {run_dir}")
-        print(f"device {device} x{world}, precision {precision}, attention {attn_implementation}, fused loss "
-              f"{'on' if fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize {cfg.quantize}; "
-              + (f"LoRA r={cfg.lora_r} on {len(wrapped_modules(peft_model))} modules; " if cfg.lora_r else
+    def row(self, step: int, world: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        return {"step": step, "loss": self.loss / self.steps, "samples_per_s": self.samples * world / elapsed,
+                "tokens_per_s": self.tokens * world / elapsed, "step_time": elapsed / self.steps}
+
+
+class Recipe:
+    """One training run, in phases a reader can hold in view (after torchtune's single-device LoRA recipe):
+    ``setup`` (runtime, data, model, loader, optimizer), ``train_step``, ``train`` (the loop: log, evaluate, save),
+    ``save_checkpoint`` and ``finish``. ``main`` runs them in order; a benchmark can call ``setup`` and
+    ``train_step`` alone."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.run_dir = cfg, Path(cfg.out)
+
+    # ---------------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self._setup_runtime()
+        self._setup_data()
+        self._setup_model()
+        self._setup_loader()
+        self._setup_optimizer()
+        self._report()
+
+    def _setup_runtime(self) -> None:
+        """Device, precision and the fast-path options, refused here (before RUN_DIR is touched or a model loaded)
+        where they cannot apply; the accelerator; the checkpoint to resume from."""
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        cfg = self.cfg
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = _precision(cfg, self.device)
+        check_quantize(cfg.quantize, self.device)
+        check_compile(cfg.compile, self.device)
+        self.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, self.device, cfg.model)
+        self.fused_loss = resolve_fused_loss(cfg.fused_loss, self.device)
+        # find_unused_parameters: a micro-batch without images leaves the projector without gradients
+        self.accelerator = Accelerator(
+            cpu=self.device == "cpu", mixed_precision="no" if self.precision == "fp32" else self.precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        acc = self.accelerator
+        self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        self.resume_from = _prepare_run_dir(cfg, self.run_dir, self.is_main)
+        acc.wait_for_everyone()
+
+    def _setup_data(self) -> None:
+        """The training records, the held-out ones, and RUN_DIR with the resolved config."""
+        cfg = self.cfg
+        self.data_file, self.image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
+        self.records, self.parse_errors = load_records(self.data_file)
+        self.held, self.held_root = None, None
+        if cfg.eval_data is not None:
+            self.records, self.held, self.held_root, held_errors = heldout_records(
+                cfg.eval_data, cfg.eval_split, cfg.eval_image_dir, self.records, self.image_root, cfg.seed)
+            self.parse_errors = self.parse_errors + held_errors
+        if len(self.records) < cfg.batch_size * self.world:
+            raise UsageError(f"{self.data_file}: {len(self.records)} usable records, fewer than one batch of "
+                             f"{cfg.batch_size * self.world}")
+        self.n_records = len(self.records) + len(self.held or []) + len(self.parse_errors)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfglib.save(cfg, self.run_dir / CONFIG_FILE)
+
+    def _setup_model(self) -> None:
+        """MODEL_DIR with LoRA (and the projector) trainable in fp32, everything else frozen."""
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        model, self.processor = _load_model(cfg, self.device, self.precision, self.attn_implementation,
+                                            self.accelerator.local_process_index)
+        if cfg.gradient_checkpointing:
+            model.model.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+                                     cfg.train_projector)
+        self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
+        for p in self.trainable:
+            p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
+        self.run_meta = {"lora_r": cfg.lora_r,
+                         "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
+        if cfg.init_from:
+            loaded = init_from(self.peft_model, cfg.init_from)
+            if self.is_main:
+                print(f"starting from {cfg.init_from}: {loaded['projector']} projector and {loaded['lora']} LoRA "
+                      "tensors")
+        if cfg.compile:  # in place, so parameter names (and so checkpoints) stay those of the plain model
+            # dynamic: every batch has its own padded length; the default (static first, dynamic on the second
+            # shape) compiles twice. AOTAutograd recomputes the fused element-wise ops (norms, SiLU, RoPE) in the
+            # backward instead of saving their outputs.
+            model.model.language_model.compile(dynamic=True)
+        self.model = model
+
+    def _setup_loader(self) -> None:
+        """Datasets, the resumable sampler, the DataLoader, and the run's length in steps."""
+        cfg, config = self.cfg, self.model.config
+        image_tokens = image_tokens_per_image(config)
+        dataset = TrainDataset(self.records, self.image_root, self.processor, config.image_token_id, image_tokens,
+                               cfg.max_length)
+        self.heldout = None
+        if self.held is not None:
+            held_dataset = TrainDataset(self.held, self.held_root, self.processor, config.image_token_id,
+                                        image_tokens, cfg.max_length)
+            self.heldout = HeldOut(self.held, self.held_root, held_dataset, self.processor, cfg.batch_size,
+                                   cfg.eval_samples, cfg.eval_max_new_tokens, self.run_dir)
+        lengths = _estimated_lengths(self.records, image_tokens) if cfg.group_by_length else None
+        self.sampler = ResumableBatchSampler(len(self.records), cfg.batch_size, cfg.seed, rank=self.rank,
+                                             world=self.world, lengths=lengths)
+        self.max_steps = total_steps(cfg, len(self.sampler))
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, collate_fn=Collator(self.processor.tokenizer.pad_token_id),
+            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+            prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=self.device == "cuda",
+            # its own generator: creating the iterator must not draw from the global RNG that dropout uses,
+            # or a resumed run's dropout masks would be shifted by one draw
+            generator=torch.Generator().manual_seed(cfg.seed))
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over LoRA and projector (each its own rate), the schedule, the resumed state, and the loss module
+        prepared for the accelerator."""
+        from transformers import get_scheduler
+
+        cfg = self.cfg
+        named = [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
+        lora_params = [p for n, p in named if "lora_" in n]
+        proj_params = [p for n, p in named if "lora_" not in n]
+        groups = [{"params": lora_params, "lr": cfg.learning_rate}] if lora_params else []
+        if proj_params:
+            groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
+            num_warmup_steps=math.ceil(cfg.warmup_ratio * self.max_steps), num_training_steps=self.max_steps)
+        self.start_step = (_load_checkpoint(self.resume_from, self.peft_model, optimizer, self.scheduler)
+                           if self.resume_from else 0)
+        self.sampler.start = self.start_step * cfg.gradient_accumulation_steps
+        self.loss_module, self.optimizer = self.accelerator.prepare(LlavaLoss(self.peft_model, self.fused_loss),
+                                                                    optimizer)
+
+    def _report(self) -> None:
+        if not self.is_main:
+            return
+        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        print(f"training {cfg.model} on {self.data_file} ({len(self.records)} records, {len(self.parse_errors)} "
+              f"rejected) -> {self.run_dir}")
+        print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
+              f"fused loss {'on' if self.fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize "
+              f"{cfg.quantize}; "
+              + (f"LoRA r={cfg.lora_r} on {len(wrapped_modules(self.peft_model))} modules; " if cfg.lora_r else
                  "no LoRA (the projector alone); ")
-              + (f"resuming from {resume_from.name}" if resume_from else "starting fresh"))
-        print(f"{max_steps} steps of {cfg.batch_size * world * accum} samples: "
-              f"{max_steps * accum / len(sampler):.2f} epochs of {len(sampler)} micro-steps")
-        print(format_param_stats(param_stats(peft_model)))
+              + (f"resuming from {self.resume_from.name}" if self.resume_from else "starting fresh"))
+        print(f"{self.max_steps} steps of {cfg.batch_size * self.world * accum} samples: "
+              f"{self.max_steps * accum / len(self.sampler):.2f} epochs of {len(self.sampler)} micro-steps")
+        print(format_param_stats(param_stats(self.peft_model)))
 
-    batches = iter(loader)
-    bar = tqdm(total=max_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
-    window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
-    last_saved = start_step
-    watch = SupervisionWatch(min(len(records), NOTHING_LEARNED_AFTER))
-    eval_every = cfg.eval_every or cfg.save_every
-    n_records = len(records) + len(held or []) + len(parse_errors)
-    loss_module.train()
-    try:
-        for step in range(start_step + 1, max_steps + 1):
-            micro = [next(batches) for _ in range(accum)]
-            for mb in micro:
-                log.skipped(mb["skipped"], step)
-            supervised = torch.tensor(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
-                                          for mb in micro if mb["input_ids"] is not None), device=accelerator.device)
-            global_supervised = accelerator.reduce(supervised, reduction="sum")
-            drawn = accelerator.reduce(torch.tensor(sum(mb["n_samples"] + len(mb["skipped"]) for mb in micro),
-                                                    device=accelerator.device), reduction="sum")
-            watch.update(int(global_supervised), int(drawn), [s for mb in micro for s in mb["skipped"]])
-            global_supervised = global_supervised.clamp(min=1)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for j, mb in enumerate(micro):
-                if mb["input_ids"] is None:
-                    # Every record was skipped (and reported). Under DDP each process must still run a
-                    # forward and backward, so an all-padding batch with no label stands in (zero gradient).
-                    mb = _empty_batch(processor.tokenizer.pad_token_id)
-                sync = accelerator.no_sync(loss_module) if j < accum - 1 else contextlib.nullcontext()
-                with sync, accelerator.autocast():
-                    loss_sum, _ = loss_module(**_model_inputs(mb, accelerator.device))
-                    if not loss_sum.requires_grad:  # projector alone and no image here: a zero with a graph,
-                        loss_sum = loss_sum + sum(p.sum() for p in trainable) * 0.0  # so every rank's backward runs
-                    # Token mean over the whole global batch; DDP averages gradients over processes.
-                    loss = loss_sum / global_supervised * world
-                accelerator.backward(loss)
-                step_loss += loss_sum.detach()
-                window["tokens"] += int(mb["attention_mask"].sum())
-                window["samples"] += mb["n_samples"]
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    # ----------------------------------------------------------------------------------------------------- step
+    def train_step(self, micro: list[dict], global_supervised: torch.Tensor, meter: Throughput) -> float:
+        """Forward and backward over the micro-batches of one optimizer step, then the update; returns the mean
+        loss per supervised token over the whole global batch."""
+        acc, world, accum = self.accelerator, self.world, len(micro)
+        step_loss = torch.zeros((), device=acc.device)
+        for j, mb in enumerate(micro):
+            if mb["input_ids"] is None:
+                # Every record was skipped (and reported). Under DDP each process must still run a forward and
+                # backward, so an all-padding batch with no label stands in (zero gradient).
+                mb = _empty_batch(self.processor.tokenizer.pad_token_id)
+            sync = acc.no_sync(self.loss_module) if j < accum - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                loss_sum, _ = self.loss_module(**_model_inputs(mb, acc.device))
+                if not loss_sum.requires_grad:  # projector alone and no image here: a zero with a graph,
+                    loss_sum = loss_sum + sum(p.sum() for p in self.trainable) * 0.0  # so every rank's backward runs
+                # Token mean over the whole global batch; DDP averages gradients over processes.
+                loss = loss_sum / global_supervised * world
+            acc.backward(loss)
+            step_loss += loss_sum.detach()
+            meter.tokens += int(mb["attention_mask"].sum())
+            meter.samples += mb["n_samples"]
+        self.grad_norm = acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(acc.reduce(step_loss, reduction="sum") / global_supervised)
 
-            mean_loss = float(accelerator.reduce(step_loss, reduction="sum") / global_supervised)
-            window["loss"] += mean_loss
-            window["steps"] += 1
-            lr = scheduler.get_last_lr()[0]
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == max_steps:
-                elapsed = time.perf_counter() - window["time"]
-                row = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr,
-                       "grad_norm": float(grad_norm), "samples_per_s": window["samples"] * world / elapsed,
-                       "tokens_per_s": window["tokens"] * world / elapsed, "step_time": elapsed / window["steps"],
-                       "epoch": step * accum * cfg.batch_size * world / len(records)}
-                log.metrics(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
-                window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0, "time": time.perf_counter()}
-            if step == max_steps and not watch.supervised:
-                watch.fail(f"all {watch.drawn} records drawn in {max_steps - start_step} steps")
-            save_now = (step % cfg.save_every == 0 or step == max_steps) and watch.supervised
-            heldout_loss = None
-            if held is not None and (step % eval_every == 0 or step == max_steps or (cfg.save_best and save_now)):
-                heldout_loss = _evaluate_heldout(heldout, loss_module, accelerator, log, step, bar)
-            if save_now:
-                accelerator.wait_for_everyone()
-                if is_main:
-                    unwrapped = accelerator.unwrap_model(loss_module).peft_model
-                    meta = {**run_meta, "step": step}
-                    if heldout_loss is not None:
-                        meta["heldout_loss"] = heldout_loss
-                    _save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, cfg.model, meta)
-                    if cfg.save_total_limit:
-                        prune_checkpoints(run_dir, cfg.save_total_limit, cfg.save_best)
-                    plot_loss(run_dir)
-                last_saved = step
-    except RunFailed:
-        if is_main:
-            write_data_report(run_dir, n_records, parse_errors)
-        raise
-    finally:
-        bar.close()
-        log.close()
+    def _supervised(self, micro: list[dict], step: int) -> torch.Tensor:
+        """Supervised tokens of the global batch (at least 1); skipped records reported, the watch told."""
+        acc = self.accelerator
+        for mb in micro:
+            self.log.skipped(mb["skipped"], step)
+        supervised = acc.reduce(torch.tensor(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
+                                                 for mb in micro if mb["input_ids"] is not None), device=acc.device),
+                                reduction="sum")
+        drawn = acc.reduce(torch.tensor(sum(mb["n_samples"] + len(mb["skipped"]) for mb in micro),
+                                        device=acc.device), reduction="sum")
+        self.watch.update(int(supervised), int(drawn), [s for mb in micro for s in mb["skipped"]])
+        return supervised.clamp(min=1)
 
-    accelerator.wait_for_everyone()
-    if is_main:
-        unwrapped = accelerator.unwrap_model(loss_module).peft_model
-        best = best_checkpoint(run_dir) if cfg.save_best else None
-        meta = {**run_meta, "step": last_saved}
-        if best is not None:
-            meta.update(best_checkpoint=best[0].name, best_heldout_loss=best[1])
-        save_adapter(unwrapped, run_dir, cfg.model, meta)
-        report = write_data_report(run_dir, n_records, parse_errors)
-        curve = plot_loss(run_dir)
-        print(f"adapter written to {run_dir} (step {last_saved}); loss curve {curve}; "
-              f"{report['skipped']} records skipped, see {run_dir / 'data_report.json'}")
-        if best is not None:
-            print(f"best checkpoint: {best[0]} (held-out loss {best[1]:.4f})")
-    accelerator.end_training()
+    # ----------------------------------------------------------------------------------------------------- loop
+    def train(self) -> None:
+        """Steps from the start (or the resumed step) to the end: log, evaluate on held-out records, save."""
+        from tqdm.auto import tqdm
+
+        cfg, max_steps = self.cfg, self.max_steps
+        self.log = RunLog(self.run_dir, self.rank, self.is_main, cfg.tensorboard)
+        self.watch = SupervisionWatch(min(len(self.records), NOTHING_LEARNED_AFTER))
+        self.last_saved = self.start_step
+        eval_every = cfg.eval_every or cfg.save_every
+        batches = iter(self.loader)
+        bar = tqdm(total=max_steps, initial=self.start_step, disable=not self.is_main, desc="train",
+                   dynamic_ncols=True)
+        meter = Throughput()
+        self.loss_module.train()
+        try:
+            for step in range(self.start_step + 1, max_steps + 1):
+                micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+                meter.loss += self.train_step(micro, self._supervised(micro, step), meter)
+                meter.steps += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == max_steps:
+                    row = self._log_row(step, meter)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                    samples_s=f"{row['samples_per_s']:.1f}")
+                    meter = Throughput()
+                if step == max_steps and not self.watch.supervised:
+                    self.watch.fail(f"all {self.watch.drawn} records drawn in {max_steps - self.start_step} steps")
+                save_now = (step % cfg.save_every == 0 or step == max_steps) and self.watch.supervised
+                heldout_loss = None
+                if self.heldout is not None and (step % eval_every == 0 or step == max_steps
+                                                 or (cfg.save_best and save_now)):
+                    heldout_loss = _evaluate_heldout(self.heldout, self.loss_module, self.accelerator, self.log,
+                                                     step, bar)
+                if save_now:
+                    self.save_checkpoint(step, heldout_loss)
+        except RunFailed:
+            if self.is_main:
+                write_data_report(self.run_dir, self.n_records, self.parse_errors)
+            raise
+        finally:
+            bar.close()
+            self.log.close()
+
+    def _log_row(self, step: int, meter: Throughput) -> dict:
+        accum, world = self.cfg.gradient_accumulation_steps, self.world
+        row = {**meter.row(step, world), "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(self.grad_norm),
+               "epoch": step * accum * self.cfg.batch_size * world / len(self.records)}
+        self.log.metrics(row)
+        return row
+
+    def save_checkpoint(self, step: int, heldout_loss: float | None) -> None:
+        """checkpoint-N/ (with the held-out loss at N, if measured), the save limit applied, the curve redrawn."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            meta = {**self.run_meta, "step": step}
+            if heldout_loss is not None:
+                meta["heldout_loss"] = heldout_loss
+            _save_checkpoint(self.run_dir, step, self._peft(), self.optimizer, self.scheduler, self.cfg.model, meta)
+            if self.cfg.save_total_limit:
+                prune_checkpoints(self.run_dir, self.cfg.save_total_limit, self.cfg.save_best)
+            plot_loss(self.run_dir)
+        self.last_saved = step
+
+    def _peft(self):
+        return self.accelerator.unwrap_model(self.loss_module).peft_model
+
+    def finish(self) -> None:
+        """The final adapter in RUN_DIR (naming the best checkpoint with --save-best), the data report, the curve."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            best = best_checkpoint(self.run_dir) if self.cfg.save_best else None
+            meta = {**self.run_meta, "step": self.last_saved}
+            if best is not None:
+                meta.update(best_checkpoint=best[0].name, best_heldout_loss=best[1])
+            save_adapter(self._peft(), self.run_dir, self.cfg.model, meta)
+            report = write_data_report(self.run_dir, self.n_records, self.parse_errors)
+            curve = plot_loss(self.run_dir)
+            print(f"adapter written to {self.run_dir} (step {self.last_saved}); loss curve {curve}; "
+                  f"{report['skipped']} records skipped, see {self.run_dir / 'data_report.json'}")
+            if best is not None:
+                print(f"best checkpoint: {best[0]} (held-out loss {best[1]:.4f})")
+        self.accelerator.end_training()
+
+
+def main(cfg: TrainConfig) -> int:
+    recipe = Recipe(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.finish()
     return 0
 
 
