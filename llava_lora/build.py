@@ -26,7 +26,7 @@ import torch
 from . import __version__, templates
 from .config import field
 from .errors import UsageError
-from .fsutil import make_readable, move_into_place
+from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
 from .modeling import format_param_stats, format_table, param_stats, quiet_transformers, resolve_dtype
 
 @dataclass
@@ -41,14 +41,7 @@ class BuildConfig:
     vision_feature_layer: int = field(-2, help="vision tower layer whose features feed the projector")
     projector_hidden_act: str = field("gelu", help="activation between the projector's two linear layers")
     seed: int = field(0, help="seed of the projector's random initialisation")
-    overwrite: bool = field(False, help="replace OUT if it exists and is not empty")
-
-
-def _exit_if_occupied(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    overwrite: bool = field(False, help=OVERWRITE_HELP)
 
 
 def _load_config(src: str, flag: str):
@@ -291,7 +284,7 @@ def verify(workdir: Path, built: dict) -> dict:
 
 def main(cfg: BuildConfig) -> int:
     out = Path(cfg.out)
-    _exit_if_occupied(out, cfg.overwrite)
+    check_out(out, cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))

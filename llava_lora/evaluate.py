@@ -26,6 +26,7 @@ from . import metrics, prompts
 from .config import field
 from .data.records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
 from .errors import UsageError
+from .fsutil import OVERWRITE_HELP, check_out, new_folder
 from .inference import GenerationSettings, answer, settings_from
 
 OUTPUTS = ("predictions.jsonl", "summary.json", "report.md", "eval.yaml")
@@ -46,7 +47,7 @@ class EvalConfig(GenerationSettings):
     batch_size: int = field(8, help="samples generated together (left-padded, KV-cached)")
     out: str | None = field(None, help="output folder; none: RUN_DIR/eval-<split or data name>, or ./eval-<...> "
                                        "without --adapter")
-    overwrite: bool = field(False, help="write into an existing non-empty output folder")
+    overwrite: bool = field(False, help=OVERWRITE_HELP)
     examples: int = field(20, help="most differing examples shown in report.md")
     device: str | None = field(None, help="cpu or cuda; none: cuda when available")
     dtype: str = field("auto", help="auto, float32, bfloat16 or float16")
@@ -252,21 +253,14 @@ def default_out(cfg: EvalConfig) -> Path | None:
     return (Path(cfg.adapter) if cfg.adapter else Path.cwd()) / name
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
-
-
 def write_outputs(out: Path, cfg: EvalConfig, summary: dict[str, Any], predictions: list[Prediction]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        for p in predictions:
-            f.write(json.dumps(p.row(), ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    (out / "report.md").write_text(report_markdown(summary, predictions, cfg.examples))
-    cfglib.save(cfg, out / "eval.yaml")
+    with new_folder(out, cfg.overwrite) as tmp:
+        with open(tmp / "predictions.jsonl", "w") as f:
+            for p in predictions:
+                f.write(json.dumps(p.row(), ensure_ascii=False) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "report.md").write_text(report_markdown(summary, predictions, cfg.examples))
+        cfglib.save(cfg, tmp / "eval.yaml")
 
 
 def build_summary(cfg: EvalConfig, model, data_file: Path, image_root: Path, predictions: list[Prediction],

@@ -27,7 +27,7 @@ from .adapters import adapter_dir, fingerprint, wrapped_modules
 from .config import field
 from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
-from .fsutil import make_readable, move_into_place
+from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
 from .inference import GenerationSettings, answer
 
 EXPORT_FILE = "export.json"
@@ -47,7 +47,7 @@ class ExportConfig:
     image_dir: str | None = field(None, help="image root of DATA")
     check_samples: int = field(4, help="samples in the self-check (0: no check)")
     check_tokens: int = field(16, help="greedy tokens per answer in the self-check")
-    overwrite: bool = field(False, help="replace an existing MERGED_DIR")
+    overwrite: bool = field(False, help=OVERWRITE_HELP)
     device: str | None = field(None, help="cpu or cuda; none: cuda when available")
 
     def __post_init__(self) -> None:
@@ -61,13 +61,6 @@ def saved_dtype(model_dir: str | Path) -> str:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
     return str(name).removeprefix("torch.")
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
 def check_inputs(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .config import field
-from .errors import UsageError
+from .fsutil import OVERWRITE_HELP, check_out
 
 # The training recipe: a tiny random LM needs a higher learning rate and LoRA on every linear layer to learn
 # the synthetic task in a couple of minutes (see the file's header).
@@ -35,7 +35,7 @@ def recipe() -> dict:
 class QuickstartConfig:
     out: str = field("quickstart-out", help="folder for everything the quickstart writes")
     max_steps: int | None = field(None, help="training steps (default: the recipe's)")
-    overwrite: bool = field(False, help="replace OUT if it exists")
+    overwrite: bool = field(False, help=OVERWRITE_HELP)
 
 
 def tool_command() -> str:
@@ -61,10 +61,8 @@ def main(cfg: QuickstartConfig) -> int:
     from .data import synth
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise UsageError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    check_out(out, cfg.overwrite)
+    shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
 
     _step("1/5 tiny source checkpoints (random weights, tokenizer trained here)")

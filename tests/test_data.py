@@ -399,6 +399,8 @@ def test_synth_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(UsageError, match="--overwrite"):
         _synth(tmp_path)
-    assert _synth(tmp_path, overwrite=True) == 0 and _synth(tmp_path, overwrite=True, n=10) == 0
     assert (tmp_path / "keep.txt").read_text() == "mine"
-    assert len(list((tmp_path / "images_dl").iterdir())) == 22  # the earlier run's images were removed
+    assert _synth(tmp_path, overwrite=True) == 0 and _synth(tmp_path, overwrite=True, n=10) == 0
+    # --overwrite means what it means everywhere: OUT replaced, its old contents (the earlier images too) gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "images_dl", "synth.yaml", "test.json"]
+    assert len(list((tmp_path / "images_dl").iterdir())) == 22

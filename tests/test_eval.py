@@ -193,6 +193,7 @@ def test_existing_output_folder_is_refused_unless_overwrite(world, capsys, tmp_p
     args = ["--model", world.model, "--data", world.data, "--split", "test", "--limit", 2, "--max-new-tokens", 2,
             "--out", out]
     assert run_cli(*args) == 2
-    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
-    assert run_cli(*args, "--overwrite") == 0
-    assert (out / "summary.json").is_file() and (out / "keep.txt").read_text() == "mine"
+    assert "exists and is not empty (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli(*args, "--overwrite") == 0  # replaced, as --overwrite means for every command
+    assert sorted(p.name for p in out.iterdir()) == ["eval.yaml", "predictions.jsonl", "report.md", "summary.json"]

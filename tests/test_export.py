@@ -104,7 +104,7 @@ def test_existing_output_folder_is_refused_unless_overwrite(world, tmp_path, cap
     (out / "old.txt").write_text("old")
     args = ["--model", world.model, "--adapter", world.run, "--out", out, "--check-samples", 1, "--check-tokens", 2]
     assert run_cli(*args) == 2
-    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert "exists and is not empty (pass --overwrite to replace it)" in capsys.readouterr().err
     assert run_cli(*args, "--overwrite") == 0
     assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
 

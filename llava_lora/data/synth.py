@@ -29,6 +29,7 @@ from typing import Any
 from .. import config as cfglib
 from ..config import field
 from ..errors import UsageError
+from ..fsutil import OVERWRITE_HELP, new_folder
 from .records import IMAGE_PLACEHOLDER
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -60,7 +61,7 @@ class SynthConfig:
     n_test: int = field(100, help="held-out records (OUT/test.json), on images not in train")
     image_size: int = field(64, help="image side in pixels")
     seed: int = field(0, help="random seed; the same seed writes byte-identical files")
-    overwrite: bool = field(False, help="replace chat.json, test.json and images_dl/synth_* in an existing OUT")
+    overwrite: bool = field(False, help=OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.n_test < 0:
@@ -160,18 +161,6 @@ def _split(name: str, n: int, rng: random.Random, seen: set[bytes], image_dir: P
     return out
 
 
-def _prepare(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{out} is not empty; pass --overwrite to replace the synthetic set in it")
-        # only what an earlier synth wrote: never a user's other files
-        for p in [out / "chat.json", out / "test.json", out / "synth.yaml", *(out / IMAGE_DIR).glob("synth_*.png")]:
-            p.unlink(missing_ok=True)
-    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-
-
 def _write(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text(json.dumps(records, indent=1, ensure_ascii=True) + "\n")
 
@@ -179,15 +168,18 @@ def _write(path: Path, records: list[dict[str, Any]]) -> None:
 def main(cfg: SynthConfig) -> int:
     start = time.perf_counter()
     out = Path(cfg.out)
-    _prepare(out, cfg.overwrite)
     seen: set[bytes] = set()
-    image_dir, size = out / IMAGE_DIR, cfg.image_size
-    # separate streams: the held-out draws do not depend on --n, only which images they must avoid
-    train = _split("train", cfg.n, random.Random(f"synth-train-{cfg.seed}"), seen, image_dir, size, multi_turn=True)
-    test = _split("test", cfg.n_test, random.Random(f"synth-test-{cfg.seed}"), seen, image_dir, size, multi_turn=False)
-    _write(out / "chat.json", train)
-    _write(out / "test.json", test)
-    cfglib.save(cfg, out / "synth.yaml")
+    with new_folder(out, cfg.overwrite) as tmp:
+        image_dir, size = tmp / IMAGE_DIR, cfg.image_size
+        image_dir.mkdir()
+        # separate streams: the held-out draws do not depend on --n, only which images they must avoid
+        train = _split("train", cfg.n, random.Random(f"synth-train-{cfg.seed}"), seen, image_dir, size,
+                       multi_turn=True)
+        test = _split("test", cfg.n_test, random.Random(f"synth-test-{cfg.seed}"), seen, image_dir, size,
+                      multi_turn=False)
+        _write(tmp / "chat.json", train)
+        _write(tmp / "test.json", test)
+        cfglib.save(cfg, tmp / "synth.yaml")
     took = time.perf_counter() - start
     print(f"wrote {cfg.n} train records to {out / 'chat.json'}, {cfg.n_test} held-out to {out / 'test.json'}, "
           f"{cfg.n + cfg.n_test} images ({cfg.image_size}x{cfg.image_size}) to {out / IMAGE_DIR}/ in {took:.1f} s")
