@@ -12,8 +12,9 @@ history included, the image before or after the question as the record has it) a
 and normalised, as ``llava_lora.metrics`` does.
 
 Then lmms-eval runs in its own venv (``--model llava_hf --include_path TASK_DIR --limit N --device cpu``,
-HF_HUB_OFFLINE=1), ``llava-lora eval`` runs on the same MERGED_DIR and records, and both exact matches are printed
-with the number of records on which the two answers are identical. llava_hf takes no adapter argument: score
+HF_HUB_OFFLINE=1; ``llava_hf`` is its chat class, which takes ``doc_to_messages``, unless ``--force-simple``),
+``llava-lora eval`` runs on the same MERGED_DIR, records and dtype, and both exact matches are printed with the
+number of records on which the two answers are identical. llava_hf takes no adapter argument: score
 MODEL_DIR + RUN_DIR by ``llava-lora export``-ing it to MERGED_DIR first.
 """
 
@@ -164,22 +165,26 @@ def offline_env() -> dict:
     return env
 
 
-def run_lmms(venv: Path, task_dir: Path, name: str, model: str, limit: int, out: Path) -> Path:
+def run_lmms(venv: Path, task_dir: Path, name: str, model: str, limit: int, out: Path, dtype: str,
+             force_simple: bool = False) -> Path:
     """Run lmms-eval's CLI in its venv; returns the folder it wrote its results and samples to."""
+    # device_map: llava_hf's default "" is refused by transformers 5 ("the value needs to be a device name").
     cmd = [str(venv / "bin" / "python"), "-m", "lmms_eval", "--model", "llava_hf",
-           "--model_args", f"pretrained={model},device=cpu", "--tasks", name,
+           "--model_args", f"pretrained={Path(model).resolve()},device_map=cpu,dtype={dtype}", "--tasks", name,
            "--include_path", str(task_dir), "--limit", str(limit), "--batch_size", "1", "--device", "cpu",
-           "--output_path", str(out), "--log_samples"]
+           "--output_path", str(out), "--log_samples"] + (["--force_simple"] if force_simple else [])
     print("$", " ".join(cmd), flush=True)
+    # lmms-eval 0.7.3 logs an error and exits 0 when a task or the model fails: its results file is the proof.
     subprocess.run(cmd, check=True, env=offline_env())
     return out
 
 
 def run_ours(model: str, data: str, split: str | None, image_dir: str | None, limit: int,
-             max_new_tokens: int, out: Path) -> Path:
+             max_new_tokens: int, dtype: str, out: Path) -> Path:
     """``llava-lora eval`` on the same model and records, one sample at a time as llava_hf answers them."""
     cmd = [sys.executable, "-m", "llava_lora", "eval", "--model", model, "--data", data, "--limit", str(limit),
-           "--max-new-tokens", str(max_new_tokens), "--batch-size", "1", "--device", "cpu", "--out", str(out),
+           "--max-new-tokens", str(max_new_tokens), "--batch-size", "1", "--device", "cpu", "--dtype", dtype,
+           "--out", str(out),
            "--overwrite"]
     cmd += ["--split", split] if split else []
     cmd += ["--image-dir", image_dir] if image_dir else []
@@ -191,18 +196,19 @@ def run_ours(model: str, data: str, split: str | None, image_dir: str | None, li
 def newest(folder: Path, pattern: str) -> Path:
     found = sorted(folder.rglob(pattern), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise SystemExit(f"lmms-eval wrote no {pattern} under {folder}")
+        raise SystemExit(f"lmms-eval wrote no {pattern} under {folder}: its error is in the output above")
     return found[-1]
 
 
-def lmms_answers(out: Path, name: str) -> tuple[dict[str, float], dict[str, str]]:
+def lmms_answers(out: Path, name: str, rows: list[dict]) -> tuple[dict[str, float], dict[str, str]]:
     """(lmms-eval's task metrics, {record id: answer}) read from its results and samples files."""
     results = json.loads(newest(out, "*_results.json").read_text())["results"][name]
     scores = {m: results[f"{m},none"] for m in ("exact_match", "exact_match_normalised")}
     answers = {}
     for line in newest(out, f"*_samples_{name}.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        answers[row["doc"]["id"]] = row["filtered_resps"][0]
+        sample = json.loads(line)
+        resp = sample["filtered_resps"]  # a string in 0.7.3; a one-answer list in older releases
+        answers[rows[sample["doc_id"]]["id"]] = resp[0] if isinstance(resp, list) else resp
     return scores, answers
 
 
@@ -212,13 +218,16 @@ def our_answers(out: Path) -> tuple[dict[str, float], dict[str, str]]:
     return summary["metrics"]["base"], {r["id"]: r["base"] for r in rows}
 
 
-def compare(lmms: tuple[dict, dict], ours: tuple[dict, dict]) -> str:
+def compare(lmms: tuple[dict, dict], ours: tuple[dict, dict], shown: int = 5) -> str:
+    """Both exact matches side by side, how many answers are identical, and the first records that differ."""
     (l_scores, l_ans), (o_scores, o_ans) = lmms, ours
-    same = sum(l_ans.get(i, "").strip() == a for i, a in o_ans.items())
+    differ = [i for i, a in o_ans.items() if l_ans.get(i, "").strip() != a]
     lines = [f"{'':24}{'lmms-eval':>10}{'llava-lora':>12}"]
     for m in ("exact_match", "exact_match_normalised"):
         lines.append(f"{m:24}{l_scores[m]:>10.4f}{o_scores[m]:>12.4f}")
-    lines.append(f"records: lmms-eval {len(l_ans)}, llava-lora {len(o_ans)}; identical answers {same}/{len(o_ans)}")
+    lines.append(f"records: lmms-eval {len(l_ans)}, llava-lora {len(o_ans)}; "
+                 f"identical answers {len(o_ans) - len(differ)}/{len(o_ans)}")
+    lines += [f"  {i}: lmms-eval {l_ans.get(i)!r}, llava-lora {o_ans[i]!r}" for i in differ[:shown]]
     return "\n".join(lines)
 
 
@@ -232,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=TASK_NAME, help="lmms-eval task name")
     p.add_argument("--limit", type=int, default=20, help="first N records scored by both")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    # One dtype for both: llava_hf's "auto" keeps a bf16 checkpoint in bf16 on a CPU, eval's "auto" computes in
+    # float32 there; close logits then pick different tokens on a few records.
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both runs compute in it")
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="lmms-eval's venv (scripts/make_lmms_venv.sh)")
     p.add_argument("--task-only", action="store_true", help="write the task folder and stop")
+    p.add_argument("--force-simple", action="store_true",
+                   help="lmms-eval's older llava_hf (doc_to_text + the image, string prompts) instead of its chat one")
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -246,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model is needed unless --task-only")
     if not (args.venv / "bin" / "python").exists():
         p.error(f"no lmms-eval venv at {args.venv}: run scripts/make_lmms_venv.sh")
-    lmms = lmms_answers(run_lmms(args.venv, task_dir, args.name, args.model, args.limit, out / "lmms-eval"),
-                        args.name)
+    lmms_out = run_lmms(args.venv, task_dir, args.name, args.model, args.limit, out / "lmms-eval", args.dtype,
+                        args.force_simple)
+    lmms = lmms_answers(lmms_out, args.name, rows)
     ours = our_answers(run_ours(args.model, args.data, args.split, args.image_dir, args.limit,
-                                args.max_new_tokens, out / "llava-lora"))
+                                args.max_new_tokens, args.dtype, out / "llava-lora"))
     print(compare(lmms, ours))
     return 0
 

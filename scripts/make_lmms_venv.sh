@@ -10,7 +10,8 @@
 # - timm: only other models import it, and it requires torchvision.
 # decord is added: llava_hf imports it at module level (for videos) though lmms-eval lists it as an extra only.
 # torch is pinned to 2.13.0 first so that pip takes the CPU wheel, and transformers to the release that writes
-# our checkpoints (lmms-eval 0.7.3 asks only transformers>=4.39.2).
+# our checkpoints (lmms-eval 0.7.3 asks only transformers>=4.39.2). filelock stays below 4: lmms-eval 0.7.3's
+# evaluator imports filelock._api, which filelock 4 no longer has ("No module named 'filelock._api'").
 set -euo pipefail
 
 VENV=${1:-.venvs/lmms}
@@ -24,7 +25,7 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
-printf 'torch==%s\ntransformers==%s\n' "$TORCH_VERSION" "$TRANSFORMERS_VERSION" >"$pins"
+printf 'torch==%s\ntransformers==%s\nfilelock<4\n' "$TORCH_VERSION" "$TRANSFORMERS_VERSION" >"$pins"
 
 "${pip[@]}" "torch==$TORCH_VERSION"
 "${pip[@]}" --no-deps "lmms-eval==$LMMS_EVAL_VERSION"
@@ -50,7 +51,8 @@ mapfile -t reqs <<<"$reqs"
 "$VENV/bin/python" - <<'EOF'
 import importlib.util
 
-import lmms_eval.models.simple.llava_hf  # noqa: F401  (imports decord, transformers' Llava classes)
+import filelock._api  # noqa: F401  (lmms_eval.evaluator patches it)
+import lmms_eval.models.chat.llava_hf  # noqa: F401  (imports decord, transformers' Llava classes)
 import torch
 import transformers
 
