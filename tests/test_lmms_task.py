@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -59,7 +58,6 @@ def task(tmp_path_factory) -> dict:
     assert script.main(["--data", str(data), "--split", "test", "--task-only", "--out", str(root / "out"),
                         "--max-new-tokens", "12"]) == 0
     folder = root / "out" / "task"
-    sys.modules.pop("utils", None)
     return {"folder": folder, "data": data, "utils": _load("lmms_task_utils", folder / "utils.py"),
             "config": yaml.load((folder / "llava_lora_local.yaml").read_text(), Loader=_TaskLoader),
             "rows": [json.loads(line) for line in (folder / "llava_lora_local.jsonl").read_text().splitlines()]}
@@ -125,3 +123,22 @@ def test_process_results_scores_as_llava_lora_metrics(task, prediction):
     got = task["utils"].process_results(row, [prediction])
     assert got == {"exact_match": metrics.exact_match(prediction.strip(), "top left"),
                    "exact_match_normalised": metrics.exact_match_normalised(prediction, "top left")}
+
+
+def test_lmms_answers_are_read_back_by_record_id_and_compared(tmp_path):
+    """lmms-eval 0.7.3's files (samples keyed by doc_id, results keyed 'metric,filter') map onto record ids."""
+    script = _load("lmms_eval_local", SCRIPT)
+    rows = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    run = tmp_path / "model"
+    run.mkdir()
+    (run / "20260101_000000_results.json").write_text(json.dumps({"results": {"t": {
+        "exact_match,none": 2 / 3, "exact_match_normalised,none": 1.0, "exact_match_stderr,none": 0.3}}}))
+    (run / "20260101_000000_samples_t.jsonl").write_text("".join(json.dumps(s) + "\n" for s in [
+        {"doc_id": 2, "filtered_resps": "blue"}, {"doc_id": 0, "filtered_resps": ["red"]},
+        {"doc_id": 1, "filtered_resps": "Green."}]))
+    lmms = script.lmms_answers(tmp_path, "t", rows)
+    assert lmms == ({"exact_match": 2 / 3, "exact_match_normalised": 1.0}, {"a": "red", "b": "Green.", "c": "blue"})
+    ours = ({"exact_match": 1.0, "exact_match_normalised": 1.0}, {"a": "red", "b": "green", "c": "blue"})
+    report = script.compare(lmms, ours)
+    assert "identical answers 2/3" in report and "b: lmms-eval 'Green.', llava-lora 'green'" in report
+    assert "exact_match                 0.6667      1.0000" in report
