@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,7 +175,9 @@ def run_lmms(venv: Path, task_dir: Path, name: str, model: str, limit: int, out:
            "--include_path", str(task_dir), "--limit", str(limit), "--batch_size", "1", "--device", "cpu",
            "--output_path", str(out), "--log_samples"] + (["--force_simple"] if force_simple else [])
     print("$", " ".join(cmd), flush=True)
-    # lmms-eval 0.7.3 logs an error and exits 0 when a task or the model fails: its results file is the proof.
+    # lmms-eval 0.7.3 logs an error and exits 0 when a task or the model fails: its results file is the proof,
+    # so none may be left from an earlier run.
+    shutil.rmtree(out, ignore_errors=True)
     subprocess.run(cmd, check=True, env=offline_env())
     return out
 
@@ -184,8 +187,7 @@ def run_ours(model: str, data: str, split: str | None, image_dir: str | None, li
     """``llava-lora eval`` on the same model and records, one sample at a time as llava_hf answers them."""
     cmd = [sys.executable, "-m", "llava_lora", "eval", "--model", model, "--data", data, "--limit", str(limit),
            "--max-new-tokens", str(max_new_tokens), "--batch-size", "1", "--device", "cpu", "--dtype", dtype,
-           "--out", str(out),
-           "--overwrite"]
+           "--out", str(out), "--overwrite"]
     cmd += ["--split", split] if split else []
     cmd += ["--image-dir", image_dir] if image_dir else []
     print("$", " ".join(cmd), flush=True)
