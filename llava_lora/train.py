@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from . import config as cfglib
 from .adapters import apply_lora, save_adapter, wrapped_modules
 from .config import field
-from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
-from .data.records import load_records, resolve_data
+from .data.dataset import Collator, DropFailed, ResumableBatchSampler, TrainDataset
+from .data.images import locate_records
+from .data.records import duplicate_ids, load_records, resolve_data
 from .errors import UsageError
 from .fsutil import make_readable, move_into_place
 from .modeling import format_param_stats, param_stats, quiet_transformers
@@ -359,6 +360,9 @@ def main(cfg: TrainConfig) -> int:
     accelerator.wait_for_everyone()
     data_file, image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
     records, parse_errors = load_records(data_file)
+    # Images that are missing or outside the root are found now, by a stat, and never reach the sampler.
+    records, unlocated = locate_records(records, image_root)
+    parse_errors += unlocated
     if len(records) < cfg.batch_size * world:
         raise UsageError(f"{data_file}: {len(records)} usable records, fewer than one batch of "
                          f"{cfg.batch_size * world}")
@@ -402,6 +406,8 @@ def main(cfg: TrainConfig) -> int:
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, start=start_step * accum, rank=rank,
                                     world=world,
                                     lengths=_estimated_lengths(records, image_tokens) if cfg.group_by_length else None)
+    failed: set[int] = set()  # records a worker could not load: reported once, not drawn again
+    sampler = DropFailed(sampler, failed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
@@ -428,7 +434,9 @@ def main(cfg: TrainConfig) -> int:
         for step in range(start_step + 1, cfg.max_steps + 1):
             micro = [next(batches) for _ in range(accum)]
             for mb in micro:
-                log.skipped(mb["skipped"], step)
+                fresh = [x for x in mb["skipped"] if x.index not in failed]
+                failed.update(x.index for x in fresh)
+                log.skipped(fresh, step)
             supervised = torch.tensor(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
                                           for mb in micro if mb["input_ids"] is not None), device=accelerator.device)
             global_supervised = accelerator.reduce(supervised, reduction="sum").clamp(min=1)
@@ -481,7 +489,7 @@ def main(cfg: TrainConfig) -> int:
     if is_main:
         unwrapped = accelerator.unwrap_model(loss_module).peft_model
         save_adapter(unwrapped, run_dir, cfg.model, {"step": last_saved})
-        report = write_data_report(run_dir, len(records) + len(parse_errors), parse_errors)
+        report = write_data_report(run_dir, len(records) + len(parse_errors), parse_errors, duplicate_ids(records))
         curve = plot_loss(run_dir)
         print(f"adapter written to {run_dir} (step {last_saved}); loss curve {curve}; "
               f"{report['skipped']} records skipped, see {run_dir / 'data_report.json'}")

@@ -4,8 +4,9 @@
 
 Each record is parsed, its image resolved under the image root and fully decoded (in a process pool), and,
 with ``--model`` and ``--max-length``, its token count compared with the limit. The report lists each bad
-record's id and reason code (see ``records.py`` for the codes; ``too_long`` is added here). Training builds
-the same kind of report with ``check_records``.
+record's id and reason code (see ``records.py`` and ``images.py`` for the codes; ``too_long`` is added here).
+Ids carried by more than one record are listed apart: those records are usable (and used by ``train``), so they
+do not change the exit code. Training builds the same kind of report with ``check_records``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import field
 from ..errors import UsageError
-from .records import BadRecord, Record, check_image, load_records, resolve_data, resolve_image
+from .images import check_image, resolve_image
+from .records import BadRecord, Record, duplicate_ids, load_records, resolve_data
 
 PRINT_LIMIT = 50  # bad records printed; the rest are in --json
 CHUNK = 256  # images per pool task: large enough to amortise pickling, small enough for a live progress bar
@@ -51,11 +53,13 @@ class CheckConfig:
 
 @dataclass
 class CheckReport:
-    """What a check found: ``bad`` holds (id, reason, detail); ``usable`` the records that passed, in order."""
+    """What a check found: ``bad`` holds (id, reason, detail); ``usable`` the records that passed, in order;
+    ``duplicates`` {id: count} for ids that several parsed records carry."""
 
     total: int
     bad: list[tuple[str, str, str]]
     usable: list[Record]
+    duplicates: dict[str, int] = dc_field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -69,6 +73,7 @@ class CheckReport:
             "bad_count": len(self.bad),
             "counts": self.counts,
             "bad": [{"id": i, "reason": r, "detail": d} for i, r, d in self.bad],
+            "duplicate_ids": self.duplicates,
         }
 
 
@@ -133,7 +138,7 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
             usable.append(rec)
         else:
             bad.append((rec.id, why[0], why[1]))
-    return CheckReport(total=len(records), bad=bad, usable=usable)
+    return CheckReport(total=len(records), bad=bad, usable=usable, duplicates=duplicate_ids(list(records)))
 
 
 def _maybe_progress(records: Sequence[Record], show: bool, desc: str) -> Iterable[Record]:
@@ -148,7 +153,8 @@ def check_file(file: str | Path, root: str | Path, **kwargs: Any) -> CheckReport
     """``load_records`` + ``check_records``: parse errors come first in ``bad``, then image/length ones."""
     good, parse_bad = load_records(file)
     report = check_records(good, root, **kwargs)
-    return CheckReport(total=len(good) + len(parse_bad), bad=parse_bad + report.bad, usable=report.usable)
+    return CheckReport(total=len(good) + len(parse_bad), bad=parse_bad + report.bad, usable=report.usable,
+                       duplicates=report.duplicates)
 
 
 def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None = None,
@@ -157,6 +163,12 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
     out = out or sys.stdout
     print(f"{file}: {report.total:,} records, {len(report.usable):,} usable, {len(report.bad):,} not "
           f"(images under {root})", file=out)
+    if report.duplicates:
+        shown = ", ".join(f"{rid} ({n}x)" for rid, n in list(report.duplicates.items())[:limit])
+        more = len(report.duplicates) - limit
+        print(f"duplicate ids, records still used: {len(report.duplicates):,} ids on "
+              f"{sum(report.duplicates.values()):,} records: {shown}" + (f" … and {more:,} more" if more > 0 else ""),
+              file=out)
     if not report.bad:
         return
     width = max(len(r) for r in report.counts)
