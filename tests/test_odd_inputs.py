@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from _demo_fixtures import demo_assets, engine_for, free_port, running_demo  # noqa: F401
 from _model_fixtures import FAST, model_world
 from data_fixtures import png_header_only
 from llava_lora import cli, demo, evaluate, generate
@@ -251,3 +252,60 @@ def test_train_eval_generate_over_the_corpus(corpus, tmp_path_factory, tmp_path,
             rc = cli.main(["generate", "--model", str(model), "--adapter", str(run), "--image",
                            str(corpus.root / odd.file), "--prompt", "What colour is it?", "--max-new-tokens", "4"])
             assert rc == 0, (odd.id, capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_demo_over_the_corpus_through_gradio_client(corpus, demo_assets, monkeypatch):  # noqa: F811
+    """Each odd image uploaded to a launched page (127.0.0.1), and each corpus record shown in tab 1."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    engine = engine_for(demo_assets, adapter=True)
+    seen: list = []
+    real_compare = engine.compare
+    monkeypatch.setattr(engine, "compare", lambda p, image, s: (seen.append(image), (yield from real_compare(p, image, s)))[1])
+    cfg = demo.DemoConfig(model=str(demo_assets.model), adapter=str(demo_assets.adapter), data=str(corpus.data),
+                          image_dir=str(corpus.root), port=free_port(), max_new_tokens=4)
+    greedy = (4, True, 0.7, 1.0, 0, 1.0)
+    outcome = {}
+    with running_demo(cfg, engine) as url:
+        client = Client(url, verbose=False)
+        for odd in corpus.images:
+            path = corpus.root / odd.file
+            if not path.is_file():  # a folder or a missing file cannot be uploaded: the client refuses it
+                with pytest.raises((ValueError, OSError)):
+                    client.predict(handle_file(str(path)), "What?", *greedy, api_name="/compare_upload")
+                outcome[odd.id] = "client refuses"
+                continue
+            seen.clear()
+            try:
+                *_, status = client.predict(handle_file(str(path)), "What?", *greedy, api_name="/compare_upload")
+                assert status.startswith("Done"), odd.id
+                assert len(seen) == 1 and seen[0].mode == "RGB", odd.id
+                outcome[odd.id] = "used"
+                if odd.id == "exif_rotated":
+                    _model_sees_upright(seen[0], path)
+            except AppError as e:
+                outcome[odd.id] = f"refused: {e}"
+        # tab 1: every parsed record is shown; one whose image cannot load says why in the page
+        records, _ = load_records(corpus.data)
+        for i, rec in enumerate(records):
+            image, _, _, info = client.predict(i, api_name="/show_sample")
+            odd = next((o for o in corpus.images if o.id == rec.id), None)
+            if odd is not None and odd.reason is not None:
+                assert image is None and odd.reason in info, (rec.id, info)
+            else:
+                assert (image is not None) == (rec.image is not None) and rec.id in info, rec.id
+        bad_index = next(i for i, r in enumerate(records) if r.id == "garbage")
+        with pytest.raises(AppError, match="truncated_image"):
+            client.predict(bad_index, *greedy, api_name="/compare_sample")
+    print(json.dumps(outcome, indent=1, ensure_ascii=False))  # the closing note's demo column (pytest -s)
+    for odd in corpus.images:
+        want = "used" if odd.reason in (None, "image_path_escapes_root") else "refused"
+        if odd.reason in ("not_a_file", "missing_image"):
+            want = "client refuses"
+        assert outcome[odd.id].startswith(want), (odd.id, outcome[odd.id])
+        if want == "refused" and odd.reason not in ("image_too_large", "truncated_image"):
+            # Gradio opens the header itself first: a bomb or garbage is refused in its words, the rest in ours
+            assert odd.reason in outcome[odd.id], outcome[odd.id]
