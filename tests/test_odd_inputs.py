@@ -309,3 +309,75 @@ def test_demo_over_the_corpus_through_gradio_client(corpus, demo_assets, monkeyp
         if want == "refused" and odd.reason not in ("image_too_large", "truncated_image"):
             # Gradio opens the header itself first: a bomb or garbage is refused in its words, the rest in ours
             assert odd.reason in outcome[odd.id], outcome[odd.id]
+
+
+# ---------------------------------------------------------------------------------------------- processor refusals
+
+
+class _RefusingProcessor:
+    """An image processor that refuses 1x1 images, as a processor with its own limits would."""
+
+    def __call__(self, images, return_tensors=None):
+        import torch
+
+        if any(im.size == (1, 1) for im in (images if isinstance(images, list) else [images])):
+            raise ValueError("cannot infer the channel dimension of a 1x1 image")
+        return {"pixel_values": torch.zeros(1, 3, 4, 4)}
+
+
+def test_a_processor_refusal_is_the_records_skip_in_training(corpus):
+    from llava_lora.data.dataset import Skip
+
+    records, _ = load_records(corpus.data)
+    proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()
+    ds = TrainDataset(records, corpus.root, proc, 0, 0, None)
+    with pytest.raises(BadRecord, match="one_px.png: ValueError: cannot infer") as err:
+        ds._pixels("one_px.png")
+    assert err.value.reason == "preprocess_failed"
+    assert ds._pixels("cmyk.jpg").shape == (3, 4, 4)
+    assert Skip("x", "preprocess_failed", "", 3).index == 3
+
+
+def test_a_batch_that_fails_in_eval_is_asked_sample_by_sample(corpus, monkeypatch):
+    records = [r for r in load_records(corpus.data)[0] if r.id in ("one_px", "cmyk", "webp", "text_only")]
+
+    def fake_answer(model, processor, texts, imgs, settings, adapter=True):
+        if any(im is not None and im.size == (1, 1) for im in imgs):
+            raise ValueError("cannot infer the channel dimension of a 1x1 image")
+        return ["red"] * len(texts)
+
+    monkeypatch.setattr(evaluate, "answer", fake_answer)
+    monkeypatch.setattr(evaluate.prompts, "generation_prompt", lambda tok, msgs: str(msgs))
+    predictions, skipped = evaluate.predict(None, type("P", (), {"tokenizer": None})(), records, corpus.root,
+                                            None, batch_size=4, progress=False)
+    assert sorted(p.id for p in predictions) == ["cmyk", "text_only", "webp"]
+    assert [(s["id"], s["reason"]) for s in skipped] == [("one_px", "preprocess_failed")]
+    assert "one_px.png: ValueError" in skipped[0]["detail"]
+
+
+def test_generate_and_demo_refuse_what_the_processor_refuses_in_one_line(corpus, monkeypatch, capsys):
+    proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: (None, proc))
+    path = corpus.root / "one_px.png"
+    assert cli.main(["generate", "--model", "m", "--image", str(path), "--prompt", "What?"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one_px.png: preprocess_failed: ValueError" in err
+    with pytest.raises(demo.RequestError, match="preprocess_failed"):
+        demo.check_pixels(proc, open_image(path))
+
+
+def test_data_check_reports_a_record_the_tokenizer_cannot_encode(corpus):
+    from llava_lora.data import check
+
+    records, _ = load_records(corpus.data)
+
+    def length(rec):
+        if rec.id == "cmyk":
+            raise BadRecord("empty_supervision", "no assistant token is supervised")
+        if rec.id == "webp":
+            raise RuntimeError("tokenizer bug")
+        return 10
+
+    report = check.check_records(records, corpus.root, length_fn=length, max_length=100, progress=False)
+    got = {rid: reason for rid, reason, _ in report.bad}
+    assert got["cmyk"] == "empty_supervision" and got["webp"] == "encode_failed"

@@ -4,7 +4,8 @@
 
 Each record is parsed, its image resolved under the image root and fully decoded (in a process pool), and,
 with ``--model`` and ``--max-length``, its token count compared with the limit. The report lists each bad
-record's id and reason code (see ``records.py`` and ``images.py`` for the codes; ``too_long`` is added here).
+record's id and reason code (see ``records.py`` and ``images.py`` for the codes; with ``--model``, ``too_long``,
+``encode_failed`` and the encoder's own ``empty_supervision`` / ``image_token_mismatch`` are added here).
 Ids carried by more than one record are listed apart: those records are usable (and used by ``train``), so they
 do not change the exit code. Training builds the same kind of report with ``check_records``.
 """
@@ -131,14 +132,23 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
     for rec in _maybe_progress(records, progress and length_fn is not None, "lengths"):
         why = failed.get(rec.image) if rec.image is not None else None
         if why is None and length_fn is not None and max_length is not None:
-            n = length_fn(rec)
-            if n > max_length:
-                why = ("too_long", f"{n} tokens > max_length {max_length}")
+            why = _length_verdict(length_fn, rec, max_length)
         if why is None:
             usable.append(rec)
         else:
             bad.append((rec.id, why[0], why[1]))
     return CheckReport(total=len(records), bad=bad, usable=usable, duplicates=duplicate_ids(list(records)))
+
+
+def _length_verdict(length_fn: Callable[[Record], int], rec: Record, max_length: int) -> tuple[str, str] | None:
+    """(reason, detail) when ``rec`` does not fit ``max_length`` or cannot be tokenised at all."""
+    try:
+        n = length_fn(rec)
+    except BadRecord as e:  # e.g. empty_supervision: the chat template marks no answer token
+        return e.reason, e.detail
+    except Exception as e:  # the tokenizer's own failure on this record: its reason, not the check's end
+        return "encode_failed", f"{type(e).__name__}: {e}"
+    return ("too_long", f"{n} tokens > max_length {max_length}") if n > max_length else None
 
 
 def _maybe_progress(records: Sequence[Record], show: bool, desc: str) -> Iterable[Record]:
