@@ -247,8 +247,8 @@ def test_train_eval_generate_over_the_corpus(corpus, tmp_path_factory, tmp_path,
     assert sorted(predicted) == sorted([*corpus.used_ids(), "dup"])
 
     capsys.readouterr()
-    for odd in corpus.images:
-        if odd.reason is None:
+    for odd in corpus.images:  # a user's image has no root: the link's target is answered like any file
+        if odd.reason in (None, "image_path_escapes_root"):
             rc = cli.main(["generate", "--model", str(model), "--adapter", str(run), "--image",
                            str(corpus.root / odd.file), "--prompt", "What colour is it?", "--max-new-tokens", "4"])
             assert rc == 0, (odd.id, capsys.readouterr().err)
