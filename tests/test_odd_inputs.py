@@ -264,7 +264,12 @@ def test_demo_over_the_corpus_through_gradio_client(corpus, demo_assets, monkeyp
     engine = engine_for(demo_assets, adapter=True)
     seen: list = []
     real_compare = engine.compare
-    monkeypatch.setattr(engine, "compare", lambda p, image, s: (seen.append(image), (yield from real_compare(p, image, s)))[1])
+
+    def compare(prompt, image, settings):  # the image the model is given, kept for the assertions
+        seen.append(image)
+        yield from real_compare(prompt, image, settings)
+
+    monkeypatch.setattr(engine, "compare", compare)
     cfg = demo.DemoConfig(model=str(demo_assets.model), adapter=str(demo_assets.adapter), data=str(corpus.data),
                           image_dir=str(corpus.root), port=free_port(), max_new_tokens=4)
     greedy = (4, True, 0.7, 1.0, 0, 1.0)
