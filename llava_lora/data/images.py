@@ -179,13 +179,14 @@ def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int,
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(f)  # reads the header only; PIL refuses a decompression bomb here
             _check_header(path.name, img.size, max_pixels)
+            orientation = img.getexif().get(ORIENTATION, 1)
             # the full-scale size, upright (EXIF orientations 5-8 turn the picture by 90 degrees)
-            size = img.size[::-1] if img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) else img.size
+            size = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
             if reduced and img.format == "JPEG":
                 img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))  # 0 would divide by zero
             img.load()  # an animated GIF/WebP/PNG: its first frame
-            # Upright, as a viewer shows it: phone photos store pixels sideways with an Orientation tag.
-            ImageOps.exif_transpose(img, in_place=True)
+            if orientation != 1:  # upright, as a viewer shows it: phones store pixels sideways with this tag
+                ImageOps.exif_transpose(img, in_place=True)
         try:
             return _to_rgb(img), size
         except ValueError as e:
