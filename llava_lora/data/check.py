@@ -176,7 +176,8 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
     if report.duplicates:
         shown = ", ".join(f"{rid} ({n}x)" for rid, n in list(report.duplicates.items())[:limit])
         more = len(report.duplicates) - limit
-        print(f"duplicate ids, records still used: {len(report.duplicates):,} ids on "
+        n = len(report.duplicates)
+        print(f"duplicate ids, records still used: {n:,} id{'s' if n > 1 else ''} on "
               f"{sum(report.duplicates.values()):,} records: {shown}" + (f" … and {more:,} more" if more > 0 else ""),
               file=out)
     if not report.bad:

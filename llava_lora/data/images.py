@@ -192,7 +192,7 @@ def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int,
         except ValueError as e:
             raise BadRecord("unsupported_image_mode", f"{path.name}: {img.mode}: {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadRecord("image_too_large", f"{path.name}: {e}; refused before decoding") from None
+        raise BadRecord("image_too_large", f"{path.name}: {str(e).rstrip('.')}; refused before decoding") from None
     except UnidentifiedImageError:
         raise BadRecord("not_an_image", f"{path.name}: not a format PIL can read") from None
     except BadRecord:
