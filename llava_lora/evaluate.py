@@ -136,25 +136,38 @@ def predict(model, processor, records: Sequence[Record], image_root: Path, setti
 def _answer_batch(model, processor, kept: list[int], images: list, asked: list[tuple[str, str]],
                   settings: GenerationSettings, systems: Sequence[str], records: Sequence[Record],
                   skipped: list[dict[str, str]]) -> list[tuple[int, dict[str, str]]]:
-    """[(record position, {system: answer})] for one batch. If the batch fails (an image the processor refuses),
-    each sample is asked alone, and the one that fails alone is skipped with its reason: one sample never
-    ends an evaluation."""
+    """[(record position, {system: answer})] for one batch. If the batch fails, each sample is asked alone; one
+    whose image the processor refuses is skipped with that reason (one image never ends an evaluation), while a
+    failure of the model itself is raised."""
     if not kept:
         return []
     texts = [asked[i][0] for i in kept]
     try:
         outs = {s: answer(model, processor, texts, images, settings, adapter=s == "finetuned") for s in systems}
-    except Exception as e:
+    except Exception:
         if len(kept) > 1:
             return [row for k, i in enumerate(kept)
                     for row in _answer_batch(model, processor, [i], [images[k]], asked, settings, systems, records,
                                              skipped)]
+        refusal = _processor_refusal(processor, images[0])
+        if refusal is None:
+            raise
         rec = records[kept[0]]
-        what = f"{rec.image}: " if rec.image is not None else ""
-        skipped.append({"id": rec.id, "reason": "preprocess_failed" if rec.image is not None else "generation_failed",
-                        "detail": f"{what}{type(e).__name__}: {e}", "when": "generation"})
+        skipped.append({"id": rec.id, "reason": "preprocess_failed", "detail": f"{rec.image}: {refusal}",
+                        "when": "generation"})
         return []
     return [(i, {s: outs[s][k] for s in systems}) for k, i in enumerate(kept)]
+
+
+def _processor_refusal(processor, image) -> str | None:
+    """Why the image processor refuses ``image`` ("Type: message"), or None when it takes it (or there is none)."""
+    if image is None:
+        return None
+    try:
+        processor.image_processor(images=image, return_tensors="pt")
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

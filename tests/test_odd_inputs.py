@@ -353,11 +353,15 @@ def test_a_batch_that_fails_in_eval_is_asked_sample_by_sample(corpus, monkeypatc
 
     monkeypatch.setattr(evaluate, "answer", fake_answer)
     monkeypatch.setattr(evaluate.prompts, "generation_prompt", lambda tok, msgs: str(msgs))
-    predictions, skipped = evaluate.predict(None, type("P", (), {"tokenizer": None})(), records, corpus.root,
-                                            None, batch_size=4, progress=False)
+    proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()
+    predictions, skipped = evaluate.predict(None, proc, records, corpus.root, None, batch_size=4, progress=False)
     assert sorted(p.id for p in predictions) == ["cmyk", "text_only", "webp"]
     assert [(s["id"], s["reason"]) for s in skipped] == [("one_px", "preprocess_failed")]
-    assert "one_px.png: ValueError" in skipped[0]["detail"]
+    assert "one_px.png: ValueError: cannot infer" in skipped[0]["detail"]
+    # a failure of the model itself is not a record's fault: raised, not skipped
+    proc.image_processor = lambda **kw: {}
+    with pytest.raises(ValueError, match="cannot infer"):
+        evaluate.predict(None, proc, records, corpus.root, None, batch_size=4, progress=False)
 
 
 def test_generate_and_demo_refuse_what_the_processor_refuses_in_one_line(corpus, monkeypatch, capsys):
