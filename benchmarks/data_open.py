@@ -8,6 +8,8 @@ questions, captions of 5-20 words) and ``images_dl/``, one hard link per record 
 
 - ``json.load``: the stdlib reading the whole file as dicts (the baseline that ``load_records`` avoids);
 - ``load_records``: parsing into compact Records;
+- ``locate``: parsing, then train's pass before step 1 that finds missing or escaping images by a stat
+  (``locate_records``, timed on its own);
 - ``data check``: parse + resolve + decode every image (``check_image``) in a process pool (``--workers``);
   the peak RSS is given for the main process and for the largest worker, the speed per wall-clock second
   and per CPU-second (the machine may be shared: the load average before each phase is printed).
@@ -141,6 +143,16 @@ def phase(name: str, path: str, workers: int) -> dict:
 
         good, bad = load_records(path)
         out["records"], out["bad"] = len(good), len(bad)
+    elif name == "locate":
+        from llava_lora.data.images import locate_records
+        from llava_lora.data.records import load_records, resolve_data
+
+        file, root = resolve_data(path)
+        good, _ = load_records(file)
+        t0 = time.perf_counter()
+        kept, bad = locate_records(good, root)
+        out["locate_seconds"] = time.perf_counter() - t0
+        out["records"], out["bad"] = len(kept), len(bad)
     elif name == "check":
         from llava_lora.data.check import check_file
         from llava_lora.data.records import resolve_data
@@ -183,11 +195,13 @@ def main() -> None:
         jpeg_kb = sum(p.stat().st_size for p in Path(tmp).glob("source_?.jpg")) / JPEGS / 1024
         print(f"wrote {args.n:,} records, {size_mb:.0f} MB chat.json, {args.n:,} hard-linked 320x240 JPEGs "
               f"({jpeg_kb:.0f} KB) in {took:.1f} s ({os.cpu_count()} CPU cores)")
-        phases = ["json.load", "load_records"] + ([] if args.skip_check else ["check"])
+        phases = ["json.load", "load_records", "locate"] + ([] if args.skip_check else ["check"])
         for name in phases:
             load = os.getloadavg()[0]  # the machine may be shared: a busy one slows the check
-            r = _run_phase(name, path if name != "check" else Path(tmp), args.workers)
+            r = _run_phase(name, path if name not in ("check", "locate") else Path(tmp), args.workers)
             line = f"{name:>13}: {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  (load avg {load:.1f})"
+            if name == "locate":
+                line += f"\n               of which the stat pass {r['locate_seconds']:.2f} s, {r['bad']} not found"
             if name == "check":
                 line += (f"\n               largest worker {r['worker_peak_rss_mb']:.0f} MB, "
                          f"{r['records'] / r['seconds']:,.0f} images/s, {r['records'] / r['cpu_seconds']:,.0f} images "

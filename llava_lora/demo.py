@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import prompts
 from .config import field
-from .data.records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
+from .data.images import open_image, resolve_image
+from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
 from .inference import GenerationSettings, adapter_switch, prepare_inputs
 from .metrics import exact_match_normalised
@@ -204,7 +205,10 @@ def checked_upload(path: str | None, max_bytes: int, max_pixels: int) -> Image.I
     """The uploaded image as RGB, after its byte size and (from the header) pixel count pass the limits."""
     if path is None:
         return None
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise RequestError(f"cannot read the upload: {e.strerror or e}") from None
     if size > max_bytes:
         raise RequestError(f"the image is {size:,} bytes, over the limit of {max_bytes:,} bytes")
     try:
@@ -213,6 +217,16 @@ def checked_upload(path: str | None, max_bytes: int, max_pixels: int) -> Image.I
         if e.reason == "image_too_large":
             raise RequestError(f"the image is too large: {e.detail}") from None
         raise RequestError(f"cannot use this image ({e.reason}): {e.detail}") from None
+
+
+def check_pixels(processor, image: Image.Image | None) -> None:
+    """Refuse, as a request error, an image that decoded but that the model's image processor cannot take."""
+    if image is None:
+        return
+    try:
+        processor.image_processor(images=image, return_tensors="pt")
+    except Exception as e:
+        raise RequestError(f"cannot use this image (preprocess_failed): {type(e).__name__}: {e}") from None
 
 
 @dataclass
@@ -356,6 +370,7 @@ def build_app(cfg: DemoConfig, engine: Engine, samples: Samples | None) -> gr.Bl
                 raise RequestError(f"the question is {len(question):,} characters; the limit is "
                                    f"{cfg.max_question_chars:,}")
             image = checked_upload(image_path, cfg.max_upload_bytes, cfg.max_upload_pixels)
+            check_pixels(engine.processor, image)
             msgs = [{"role": "user", "content": prompts._content(question, image is not None, True)}]
             yield from engine.compare(engine.prompt(msgs), image, settings)
         except RequestError as e:

@@ -24,7 +24,8 @@ from typing import Any
 from . import config as cfglib
 from . import metrics, prompts
 from .config import field
-from .data.records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
+from .data.images import open_image, resolve_image
+from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
 from .fsutil import OVERWRITE_HELP, check_out, new_folder
 from .inference import GenerationSettings, answer, settings_from
@@ -127,15 +128,47 @@ def predict(model, processor, records: Sequence[Record], image_root: Path, setti
                     kept.append(i)
                 except BadRecord as e:
                     skipped.append({"id": records[i].id, "reason": e.reason, "detail": e.detail, "when": "image"})
-            if kept:
-                texts = [asked[i][0] for i in kept]
-                outs = {s: answer(model, processor, texts, images, settings, adapter=s == "finetuned")
-                        for s in systems}
-                for k, i in enumerate(kept):
-                    done[i] = Prediction(records[i].id, prompts.question(records[i]), asked[i][1],
-                                         {s: outs[s][k] for s in systems})
+            for i, outs in _answer_batch(model, processor, kept, images, asked, settings, systems, records, skipped):
+                done[i] = Prediction(records[i].id, prompts.question(records[i]), asked[i][1], outs)
             bar.update(len(order[start:start + batch_size]))
     return [done[i] for i in sorted(done)], skipped
+
+
+def _answer_batch(model, processor, kept: list[int], images: list, asked: list[tuple[str, str]],
+                  settings: GenerationSettings, systems: Sequence[str], records: Sequence[Record],
+                  skipped: list[dict[str, str]]) -> list[tuple[int, dict[str, str]]]:
+    """[(record position, {system: answer})] for one batch. If the batch fails, each sample is asked alone; one
+    whose image the processor refuses is skipped with that reason (one image never ends an evaluation), while a
+    failure of the model itself is raised."""
+    if not kept:
+        return []
+    texts = [asked[i][0] for i in kept]
+    try:
+        outs = {s: answer(model, processor, texts, images, settings, adapter=s == "finetuned") for s in systems}
+    except Exception:
+        if len(kept) > 1:
+            return [row for k, i in enumerate(kept)
+                    for row in _answer_batch(model, processor, [i], [images[k]], asked, settings, systems, records,
+                                             skipped)]
+        refusal = _processor_refusal(processor, images[0])
+        if refusal is None:
+            raise
+        rec = records[kept[0]]
+        skipped.append({"id": rec.id, "reason": "preprocess_failed", "detail": f"{rec.image}: {refusal}",
+                        "when": "generation"})
+        return []
+    return [(i, {s: outs[s][k] for s in systems}) for k, i in enumerate(kept)]
+
+
+def _processor_refusal(processor, image) -> str | None:
+    """Why the image processor refuses ``image`` ("Type: message"), or None when it takes it (or there is none)."""
+    if image is None:
+        return None
+    try:
+        processor.image_processor(images=image, return_tensors="pt")
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import prompts
 from .config import field
-from .data.records import BadRecord, open_image
-from .errors import UsageError
+from .data.images import open_image
+from .errors import BadRecord, UsageError
 from .inference import GenerationSettings, answer, settings_from
 from .modeling import load_model
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(kw_only=True)
@@ -30,19 +34,29 @@ class GenerateConfig(GenerationSettings):
 def main(cfg: GenerateConfig) -> int:
     import torch
 
-    image = None
-    if cfg.image is not None:
-        path = Path(cfg.image)
-        if not path.is_file():
-            raise UsageError(f"--image {path}: file not found")
-        try:
-            image = open_image(path)
-        except BadRecord as e:
-            raise UsageError(f"--image {path}: {e}") from None
+    image = None if cfg.image is None else user_image(cfg.image)  # before the model loads: fail in a second
     model, processor = load_model(cfg.model, cfg.adapter, cfg.dtype, cfg.device)
+    if image is not None:
+        try:  # the processor's own limits, said about the file, before generation starts
+            processor.image_processor(images=image, return_tensors="pt")
+        except Exception as e:
+            raise UsageError(f"--image {cfg.image}: preprocess_failed: {type(e).__name__}: {e}") from None
     msgs = [{"role": "user", "content": prompts._content(cfg.prompt, image is not None, True)}]
     torch.manual_seed(cfg.seed)
     (text,) = answer(model, processor, [prompts.generation_prompt(processor.tokenizer, msgs)], [image],
                      settings_from(cfg))
     print(text)
     return 0
+
+
+def user_image(path: str) -> Image.Image:
+    """The image at ``path`` as the model sees it (RGB, upright); UsageError naming the file and the reason."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--image {p}: not_a_file: a folder, expected an image file")
+    if not p.exists():
+        raise UsageError(f"--image {p}: missing_image: file not found")
+    try:
+        return open_image(p)
+    except BadRecord as e:
+        raise UsageError(f"--image {p}: {e}") from None

@@ -41,27 +41,31 @@ class RunLog:
             return
         with open(self.skips_path, "a") as f:
             for s in skips:
-                f.write(json.dumps({"id": s.id, "reason": s.reason, "detail": s.detail, "step": step}) + "\n")
+                f.write(json.dumps({"id": s.id, "index": s.index, "reason": s.reason, "detail": s.detail,
+                                    "step": step}, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def write_data_report(run_dir: Path, total: int, parse_errors: list[tuple[str, str, str]]) -> dict:
-    """Merge parse-time rejects and every process's training-time skips (once per id) into one report."""
+def write_data_report(run_dir: Path, total: int, parse_errors: list[tuple[str, str, str]],
+                      duplicates: dict[str, int] | None = None) -> dict:
+    """Merge load-time rejects and every process's training-time skips (once per record) into one report;
+    ``duplicates`` ({id: count}, records that were used all the same) is listed apart."""
     entries = {}
-    for rid, reason, detail in parse_errors:
-        entries[rid] = {"id": rid, "reason": reason, "detail": detail, "when": "loading"}
+    for k, (rid, reason, detail) in enumerate(parse_errors):
+        entries[("loading", k)] = {"id": rid, "reason": reason, "detail": detail, "when": "loading"}
     for path in sorted(run_dir.glob("skipped.rank*.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            entries.setdefault(row["id"], {"id": row["id"], "reason": row["reason"], "detail": row["detail"],
-                                           "when": f"step {row['step']}"})
+            # by position, not id: two records may share an id; under DDP each process reports its own draws
+            entries.setdefault((row["id"], row.get("index", -1)), {
+                "id": row["id"], "reason": row["reason"], "detail": row["detail"], "when": f"step {row['step']}"})
     report = {"records": total, "skipped": len(entries),
               "by_reason": dict(Counter(e["reason"] for e in entries.values()).most_common()),
-              "samples": list(entries.values())}
-    (run_dir / DATA_REPORT).write_text(json.dumps(report, indent=2))
+              "samples": list(entries.values()), "duplicate_ids": duplicates or {}}
+    (run_dir / DATA_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
 
 

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from . import config as cfglib
 from .adapters import RUN_FILE, apply_lora, init_from, save_adapter, wrapped_modules
 from .config import Alias, field
-from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
-from .data.records import load_records, resolve_data
+from .data.dataset import Collator, DropFailed, ResumableBatchSampler, TrainDataset
+from .data.images import locate_records
+from .data.records import duplicate_ids, load_records, resolve_data
 from .errors import RunFailed, UsageError
 from .heldout import HeldOut, heldout_records
 from .fsutil import make_readable, move_into_place
@@ -522,11 +523,15 @@ class Recipe:
         cfg = self.cfg
         self.data_file, self.image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
         self.records, self.parse_errors = load_records(self.data_file)
+        # Images that are missing or outside the root are found now, by a stat, and never reach the sampler.
+        self.records, unlocated = locate_records(self.records, self.image_root)
+        self.parse_errors += unlocated
         self.held, self.held_root = None, None
         if cfg.eval_data is not None:
             self.records, self.held, self.held_root, held_errors = heldout_records(
                 cfg.eval_data, cfg.eval_split, cfg.eval_image_dir, self.records, self.image_root, cfg.seed)
-            self.parse_errors = self.parse_errors + held_errors
+            self.held, unlocated = locate_records(self.held, self.held_root)
+            self.parse_errors = self.parse_errors + held_errors + unlocated
         if len(self.records) < cfg.batch_size * self.world:
             raise UsageError(f"{self.data_file}: {len(self.records)} usable records, fewer than one batch of "
                              f"{cfg.batch_size * self.world}")
@@ -582,8 +587,10 @@ class Recipe:
         self.sampler = ResumableBatchSampler(len(self.records), cfg.batch_size, cfg.seed, rank=self.rank,
                                              world=self.world, lengths=lengths)
         self.max_steps = total_steps(cfg, len(self.sampler))
+        self.failed: set[int] = set()  # records a worker could not load: reported once, not drawn again
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, collate_fn=Collator(self.processor.tokenizer.pad_token_id),
+            dataset, batch_sampler=DropFailed(self.sampler, self.failed),
+            collate_fn=Collator(self.processor.tokenizer.pad_token_id),
             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=self.device == "cuda",
             # its own generator: creating the iterator must not draw from the global RNG that dropout uses,
@@ -660,7 +667,9 @@ class Recipe:
         """Supervised tokens of the global batch (at least 1); skipped records reported, the watch told."""
         acc = self.accelerator
         for mb in micro:
-            self.log.skipped(mb["skipped"], step)
+            fresh = [x for x in mb["skipped"] if x.index not in self.failed]
+            self.failed.update(x.index for x in fresh)
+            self.log.skipped(fresh, step)
         supervised = acc.reduce(torch.tensor(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
                                                  for mb in micro if mb["input_ids"] is not None), device=acc.device),
                                 reduction="sum")
@@ -745,7 +754,7 @@ class Recipe:
             if best is not None:
                 meta.update(best_checkpoint=best[0].name, best_heldout_loss=best[1])
             save_adapter(self._peft(), self.run_dir, self.cfg.model, meta)
-            report = write_data_report(self.run_dir, self.n_records, self.parse_errors)
+            report = write_data_report(self.run_dir, self.n_records, self.parse_errors, duplicate_ids(self.records))
             curve = plot_loss(self.run_dir)
             print(f"adapter written to {self.run_dir} (step {self.last_saved}); loss curve {curve}; "
                   f"{report['skipped']} records skipped, see {self.run_dir / 'data_report.json'}")

@@ -131,13 +131,16 @@ def test_read_raw_empty_array_and_blank_lines(tmp_path):
     ("b.json", '[\n {"id": "a"}\n {"id": "b"}\n]', "line 3 column 2"),
     ("c.json", '[{"id": "a"}] trailing', "line 1 column 15"),
     ("d.json", '[{"id": "a"}', "line 1 column 13"),
-    ("e.jsonl", '{"id": "a"}\n{"id": \n', "line 2 column 8"),
+    ("e.jsonl", '{"id": \n{"id": "a"\n', "line 1 column 8"),  # no line parses: not JSONL at all
 ])
 def test_malformed_json_names_file_and_position(tmp_path, name, text, where):
     (tmp_path / name).write_text(text)
     with pytest.raises(UsageError) as err:
         load_records(tmp_path / name)
     assert name in str(err.value) and where in str(err.value)
+    with pytest.raises(UsageError) as err:
+        read_raw(tmp_path / name)  # strict reading
+    assert name in str(err.value)
 
 
 def test_bad_utf8_names_the_line(tmp_path):

@@ -4,8 +4,10 @@
 
 Each record is parsed, its image resolved under the image root and fully decoded (in a process pool), and,
 with ``--model`` and ``--max-length``, its token count compared with the limit. The report lists each bad
-record's id and reason code (see ``records.py`` for the codes; ``too_long`` is added here). Training builds
-the same kind of report with ``check_records``.
+record's id and reason code (see ``records.py`` and ``images.py`` for the codes; with ``--model``, ``too_long``,
+``encode_failed`` and the encoder's own ``empty_supervision`` / ``image_token_mismatch`` are added here).
+Ids carried by more than one record are listed apart: those records are usable (and used by ``train``), so they
+do not change the exit code. Training builds the same kind of report with ``check_records``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import field
 from ..errors import UsageError
-from .records import BadRecord, Record, check_image, load_records, resolve_data, resolve_image
+from .images import check_image, resolve_image
+from .records import BadRecord, Record, duplicate_ids, load_records, resolve_data
 
 PRINT_LIMIT = 50  # bad records printed; the rest are in --json
 CHUNK = 256  # images per pool task: large enough to amortise pickling, small enough for a live progress bar
@@ -52,11 +55,13 @@ class CheckConfig:
 
 @dataclass
 class CheckReport:
-    """What a check found: ``bad`` holds (id, reason, detail); ``usable`` the records that passed, in order."""
+    """What a check found: ``bad`` holds (id, reason, detail); ``usable`` the records that passed, in order;
+    ``duplicates`` {id: count} for ids that several parsed records carry."""
 
     total: int
     bad: list[tuple[str, str, str]]
     usable: list[Record]
+    duplicates: dict[str, int] = dc_field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -70,6 +75,7 @@ class CheckReport:
             "bad_count": len(self.bad),
             "counts": self.counts,
             "bad": [{"id": i, "reason": r, "detail": d} for i, r, d in self.bad],
+            "duplicate_ids": self.duplicates,
         }
 
 
@@ -127,18 +133,23 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
     for rec in _maybe_progress(records, progress and length_fn is not None, "lengths"):
         why = failed.get(rec.image) if rec.image is not None else None
         if why is None and length_fn is not None and max_length is not None:
-            try:
-                n = length_fn(rec)
-            except BadRecord as e:  # e.g. a template that supervises nothing of this record
-                why = (e.reason, e.detail)
-            else:
-                if n > max_length:
-                    why = ("too_long", f"{n} tokens > max_length {max_length}")
+            why = _length_verdict(length_fn, rec, max_length)
         if why is None:
             usable.append(rec)
         else:
             bad.append((rec.id, why[0], why[1]))
-    return CheckReport(total=len(records), bad=bad, usable=usable)
+    return CheckReport(total=len(records), bad=bad, usable=usable, duplicates=duplicate_ids(list(records)))
+
+
+def _length_verdict(length_fn: Callable[[Record], int], rec: Record, max_length: int) -> tuple[str, str] | None:
+    """(reason, detail) when ``rec`` does not fit ``max_length`` or cannot be tokenised at all."""
+    try:
+        n = length_fn(rec)
+    except BadRecord as e:  # e.g. empty_supervision: the chat template marks no answer token
+        return e.reason, e.detail
+    except Exception as e:  # the tokenizer's own failure on this record: its reason, not the check's end
+        return "encode_failed", f"{type(e).__name__}: {e}"
+    return ("too_long", f"{n} tokens > max_length {max_length}") if n > max_length else None
 
 
 def _maybe_progress(records: Sequence[Record], show: bool, desc: str) -> Iterable[Record]:
@@ -153,7 +164,8 @@ def check_file(file: str | Path, root: str | Path, **kwargs: Any) -> CheckReport
     """``load_records`` + ``check_records``: parse errors come first in ``bad``, then image/length ones."""
     good, parse_bad = load_records(file)
     report = check_records(good, root, **kwargs)
-    return CheckReport(total=len(good) + len(parse_bad), bad=parse_bad + report.bad, usable=report.usable)
+    return CheckReport(total=len(good) + len(parse_bad), bad=parse_bad + report.bad, usable=report.usable,
+                       duplicates=report.duplicates)
 
 
 def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None = None,
@@ -162,6 +174,13 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
     out = out or sys.stdout
     print(f"{file}: {report.total:,} records, {len(report.usable):,} usable, {len(report.bad):,} not "
           f"(images under {root})", file=out)
+    if report.duplicates:
+        shown = ", ".join(f"{rid} ({n}x)" for rid, n in list(report.duplicates.items())[:limit])
+        more = len(report.duplicates) - limit
+        n = len(report.duplicates)
+        print(f"duplicate ids, records still used: {n:,} id{'s' if n > 1 else ''} on "
+              f"{sum(report.duplicates.values()):,} records: {shown}" + (f" … and {more:,} more" if more > 0 else ""),
+              file=out)
     if not report.bad:
         return
     width = max(len(r) for r in report.counts)

@@ -1,7 +1,8 @@
 """Training samples: a record becomes token ids, labels and pixels in a DataLoader worker.
 
-A record that turns out bad here (image unreadable, answer empty after tokenisation, too long) becomes a
-*skip* that travels with the batch to the training loop, which reports it; the run goes on.
+A record that turns out bad here (image unreadable, undecodable or refused by the image processor, answer
+empty after tokenisation, too long) becomes a *skip* that travels with the batch to the training loop, which
+reports it and adds its index to the set that ``DropFailed`` keeps out of later batches; the run goes on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from .. import prompts
-from .records import BadRecord, Record, open_image, resolve_image
+from .images import open_image, resolve_image
+from .records import BadRecord, Record
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Skip:
     id: str
     reason: str
     detail: str
+    index: int = -1  # position in the dataset's records (ids need not be unique)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -44,13 +47,18 @@ class TrainDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         try:
             enc = prompts.encode(self.tokenizer, rec, self.image_token_id, self.image_tokens, self.max_length)
-            pixels = None
-            if rec.image is not None:
-                image = open_image(resolve_image(self.image_root, rec.image))
-                pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+            pixels = None if rec.image is None else self._pixels(rec.image)
         except BadRecord as e:
-            return Skip(rec.id, e.reason, e.detail)
+            return Skip(rec.id, e.reason, e.detail, i)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
+
+    def _pixels(self, rel: str) -> torch.Tensor:
+        """[3, H, W] of the image ``rel``; whatever fails, in the file or the processor, is a BadRecord."""
+        image = open_image(resolve_image(self.image_root, rel))
+        try:
+            return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        except Exception as e:  # the processor's own limits: the record's reason, not the worker's death
+            raise BadRecord("preprocess_failed", f"{rel}: {type(e).__name__}: {e}") from None
 
 
 @dataclass
@@ -143,3 +151,23 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
                 yield order[lo:lo + self.batch_size].tolist()
                 k += 1
                 step += 1
+
+
+class DropFailed(torch.utils.data.Sampler):
+    """The batches of ``batch_sampler`` without the indices in ``failed``, a set the training loop fills (in the
+    main process, where the DataLoader draws batches) with each record a worker could not load.
+
+    A failed record is reported once and not drawn again: its batch of a later epoch is one sample smaller (or
+    empty, which the loop treats as a batch of skips, keeping DDP processes in step). Batches the DataLoader
+    had already prefetched when the failure came back may still hold it; their skip is not reported twice.
+    """
+
+    def __init__(self, batch_sampler, failed: set[int]):
+        self.batch_sampler, self.failed = batch_sampler, failed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            yield [i for i in batch if i not in self.failed] if self.failed else batch
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)

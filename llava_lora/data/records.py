@@ -5,13 +5,14 @@ A record on disk: ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "
 stands at the start or the end of the first human turn.
 
     records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [(id, reason, detail), ...]
-    img = open_image(resolve_image(root, records[0].image))      # RGB, fully decoded, or BadRecord
-    check_image(path)                                             # the same verdict, faster (data check)
+    duplicate_ids(records)                                        # {id: count} of ids used more than once
 
-Record reasons (``BadRecord.reason``): not_an_object, missing_id, bad_image_field, multiple_images,
-no_conversations, bad_turn, unknown_speaker, non_string_text, turns_out_of_order, no_assistant_answer,
-image_token_mismatch. Image reasons: image_path_escapes_root, missing_image, empty_image, not_an_image,
-truncated_image, image_too_large, unsupported_image_mode, unreadable_image.
+Record reasons (``BadRecord.reason``): invalid_json (one garbled JSONL line, named "line N"), not_an_object,
+missing_id, bad_image_field, multiple_images, no_conversations, bad_turn, unknown_speaker, non_string_text,
+turns_out_of_order, no_assistant_answer, image_token_mismatch. Image reasons: see ``images.py``.
+
+Duplicate ids are reported (``data check``, train's data report) and the records still used: LLaVA mixtures
+repeat ids across their sources, and each record is a sample in its own right.
 
 "system" turns are reported as ``unknown_speaker``: a Record has no slot for a system prompt, and dropping
 one silently would train on a different conversation than the data describes (LLaVA data has none).
@@ -21,20 +22,18 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import re
-import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import BadRecord, UsageError
+# Images live in images.py; these names stay importable from here.
+from .images import IMAGE_REASONS, MAX_IMAGE_PIXELS, check_image, open_image, resolve_image  # noqa: F401
 
 IMAGE_PLACEHOLDER = "<image>"
-
-# Decoded-pixel limit: a 50 MP image is ~150 MB as RGB; anything larger is a mistake or a decompression bomb.
-MAX_IMAGE_PIXELS = 50_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,22 +50,9 @@ class Record:
     image_first: bool = True  # True: <image> stood before the first user text; False: after it
 
 
-class BadRecord(Exception):
-    """A record that cannot be used; ``reason`` is a short stable code, ``detail`` says what was found."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
 RECORD_REASONS = (
     "not_an_object", "missing_id", "bad_image_field", "multiple_images", "no_conversations", "bad_turn",
     "unknown_speaker", "non_string_text", "turns_out_of_order", "no_assistant_answer", "image_token_mismatch",
-)
-IMAGE_REASONS = (
-    "image_path_escapes_root", "missing_image", "empty_image", "not_an_image", "truncated_image",
-    "image_too_large", "unsupported_image_mode", "unreadable_image",
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,13 +163,26 @@ def _iter_array(path: Path) -> Iterator[Any]:
         raise _json_error(path, e) from None
 
 
-def _iter_lines(path: Path) -> Iterator[Any]:
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A JSONL line that is not JSON (or not UTF-8): one bad record, named by its line number."""
+
+    line: int
+    message: str
+
+
+def _iter_lines(path: Path, lenient: bool = False) -> Iterator[Any]:
+    """The objects of a JSONL file; a bad line raises UsageError, or with ``lenient`` comes as a BadLine."""
     with open(path, "rb") as f:  # bytes, so that a bad UTF-8 byte is reported on its own line
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise UsageError(f"{path}: not UTF-8 text at line {n} (byte {e.start + 1} of the line)") from None
+                err = UsageError(f"{path}: not UTF-8 text at line {n} (byte {e.start + 1} of the line)")
+                if not lenient:
+                    raise err from None
+                yield BadLine(n, str(err))
+                continue
             if not line.strip():
                 continue
             try:
@@ -192,15 +191,21 @@ def _iter_lines(path: Path) -> Iterator[Any]:
                 err = _json_error(path, e, line=n)
                 if n == 1 and path.suffix != ".jsonl":
                     err = UsageError(f"{err} (expected a JSON array of records, or one object per line)")
-                raise err from None
+                if not lenient:
+                    raise err from None
+                yield BadLine(n, str(err))
 
 
-def iter_raw(path: str | Path) -> Iterator[Any]:
-    """The raw records of a JSON array file or a JSONL file, one at a time; malformed JSON -> UsageError."""
+def iter_raw(path: str | Path, lenient: bool = False) -> Iterator[Any]:
+    """The raw records of a JSON array file or a JSONL file, one at a time; malformed JSON -> UsageError.
+
+    With ``lenient``, a JSONL line that does not parse comes as a ``BadLine`` and the other lines are read (a
+    JSON array cannot be resynchronised after an error: it stays a UsageError).
+    """
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"data file not found: {p}")
-    return _iter_array(p) if _is_array(p) else _iter_lines(p)
+    return _iter_array(p) if _is_array(p) else _iter_lines(p, lenient)
 
 
 def read_raw(path: str | Path) -> list:
@@ -328,15 +333,26 @@ def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Recor
 
 
 def load_records(path: str | Path) -> tuple[list[Record], list[tuple[str, str, str]]]:
-    """(good records, [(id, reason, detail)] for the bad ones) of a JSON or JSONL file."""
+    """(good records, [(id, reason, detail)] for the bad ones) of a JSON or JSONL file.
+
+    A garbled JSONL line is the bad record ``line N`` (reason ``invalid_json``); a file in which no line parses
+    is not JSONL at all: UsageError.
+    """
     good: list[Record] = []
     bad: list[tuple[str, str, str]] = []
     cache: dict[str, Turn] = {}
+    first_bad_line: BadLine | None = None
+    parsed = 0
     # No cycles are made here; without the collector re-scanning the growing list, 595K records load ~10% faster.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for index, raw in enumerate(iter_raw(path)):
+        for index, raw in enumerate(iter_raw(path, lenient=True)):
+            if isinstance(raw, BadLine):
+                first_bad_line = first_bad_line or raw
+                bad.append((f"line {raw.line}", "invalid_json", raw.message))
+                continue
+            parsed += 1
             try:
                 good.append(parse_record(raw, index, cache))
             except BadRecord as e:
@@ -344,101 +360,11 @@ def load_records(path: str | Path) -> tuple[list[Record], list[tuple[str, str, s
     finally:
         if was_enabled:
             gc.enable()
+    if first_bad_line is not None and not parsed:
+        raise UsageError(first_bad_line.message)
     return good, bad
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------------------
-
-
-def resolve_image(root: str | Path, rel: str) -> Path:
-    """The image file ``rel`` under ``root``; BadRecord if it escapes the root (symlinks resolved) or is missing."""
-    if os.path.isabs(rel):
-        raise BadRecord("image_path_escapes_root", f"{rel} is an absolute path")
-    real_root = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(real_root, rel))
-    if not (path.startswith(real_root + os.sep) or path == real_root):
-        raise BadRecord("image_path_escapes_root", f"{rel} resolves outside {root}")
-    if not os.path.isfile(path):
-        raise BadRecord("missing_image", f"{rel} not found under {root}")
-    return Path(path)
-
-
-def _to_rgb(img: Any) -> Any:
-    """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled down, palette transparency honoured."""
-    from PIL import Image
-
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode == "I":
-        # convert("RGB") clips 16-bit values at 255 (a white image); scale 0..65535 down to 0..255 instead.
-        img = img.convert("I")
-        _, hi = img.getextrema()
-        if mode.startswith("I;16") or hi > 255:
-            img = img.point(lambda v: v * (1 / 256))
-        return img.convert("L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
-    """Open, fully decode and convert to RGB; BadRecord with an image reason if that is not possible."""
-    return _decode(Path(path), max_pixels, reduced=False)[0]
-
-
-def check_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """Raise what ``open_image`` would raise for this file, faster; returns its (width, height).
-
-    JPEGs decode at 1/8 scale (libjpeg's DCT scaling): every byte of the entropy-coded data is still read, so
-    truncated and corrupt files fail the same way, at about two thirds of the cost of a full decode.
-    """
-    return _decode(Path(path), max_pixels, reduced=True)[1]
-
-
-def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int, int]]:
-    """(RGB image, its full (width, height)); ``reduced``: JPEGs decode at 1/8 scale."""
-    from PIL import Image, ImageFile, UnidentifiedImageError
-
-    try:
-        if path.stat().st_size == 0:
-            raise BadRecord("empty_image", f"{path.name} is 0 bytes")
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise BadRecord("missing_image", f"{path} not found") from None
-    except OSError as e:
-        raise BadRecord("unreadable_image", f"{path.name}: {e.strerror}") from None
-    # Truncated files must fail here, not turn into half-grey training images, whatever the caller set.
-    old_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        # (catch_warnings is process-wide: image checks run in processes, not threads, for this reason too)
-        with f, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(f)
-            size = img.size
-            if size[0] * size[1] > max_pixels:
-                raise BadRecord("image_too_large", f"{size[0]}x{size[1]} is over {max_pixels:,} pixels")
-            if reduced and img.format == "JPEG":
-                img.draft(None, (size[0] // 8, size[1] // 8))
-            img.load()
-        try:
-            return _to_rgb(img), size
-        except ValueError as e:
-            raise BadRecord("unsupported_image_mode", f"{img.mode}: {e}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadRecord("image_too_large", str(e)) from None
-    except UnidentifiedImageError:
-        raise BadRecord("not_an_image", f"{path.name}: not a format PIL can read") from None
-    except BadRecord:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-        # PIL raises all of these for damaged files (SyntaxError: broken PNG chunks; OSError: truncated data).
-        raise BadRecord("truncated_image", f"{path.name}: {type(e).__name__}: {e}") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
+def duplicate_ids(records: list[Record]) -> dict[str, int]:
+    """{id: number of records} for each id that more than one record carries, most repeated first."""
+    return {rid: n for rid, n in Counter(r.id for r in records).most_common() if n > 1}

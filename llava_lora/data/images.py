@@ -1,0 +1,206 @@
+"""A record's image: where it is (a stat), and its pixels (decoded, upright, RGB), with one verdict for every
+command: data check, train, eval, generate and the demo all open images here.
+
+    path = resolve_image(root, rec.image)            # BadRecord if it escapes root, is missing or not a file
+    kept, bad = locate_records(records, root)        # the same verdict for a whole data set, by stat: no decode
+    img = open_image(path)                           # RGB, EXIF orientation applied, fully decoded, or BadRecord
+    check_image(path)                                # open_image's verdict, faster (data check)
+
+Reasons (``BadRecord.reason``): image_path_escapes_root, missing_image, not_a_file, empty_image,
+unreadable_image, not_an_image, truncated_image, undecodable_image, image_too_large, extreme_aspect_ratio,
+unsupported_image_mode; ``preprocess_failed`` is given by the callers whose image processor refuses pixels
+that decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadRecord
+
+# Decoded-pixel limit: a 50 MP image is ~150 MB as RGB; anything larger is a mistake or a decompression bomb.
+MAX_IMAGE_PIXELS = 50_000_000
+# Longest side over shortest side. CLIP's processor scales the shortest side to 336 before cropping: a
+# 1x4000 image becomes 336x1,344,000 pixels (1.35 GB, 24 s on one core) to keep a 336x336 crop of its middle.
+MAX_ASPECT_RATIO = 20
+ORIENTATION = 0x0112  # the EXIF tag
+
+IMAGE_REASONS = (
+    "image_path_escapes_root", "missing_image", "not_a_file", "empty_image", "unreadable_image", "not_an_image",
+    "truncated_image", "undecodable_image", "image_too_large", "extreme_aspect_ratio", "unsupported_image_mode",
+    "preprocess_failed",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the file is
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_image(root: str | Path, rel: str) -> Path:
+    """The image file ``rel`` under ``root``; BadRecord if it escapes the root (symlinks resolved), is missing
+    or is not a regular file (a folder named like an image)."""
+    if os.path.isabs(rel):
+        raise BadRecord("image_path_escapes_root", f"{rel} is an absolute path")
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, rel))
+    if not (path.startswith(real_root + os.sep) or path == real_root):
+        raise BadRecord("image_path_escapes_root", f"{rel} resolves outside {root}")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise BadRecord("missing_image", f"{rel} not found under {root}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise BadRecord("not_a_file", f"{rel} is {kind} under {root}")
+    return Path(path)
+
+
+def _locate(real_root: str, root: Path, rel: str) -> BadRecord | None:
+    """resolve_image's verdict; a plain name in the root (CC3M's layout) costs one lstat instead of a realpath."""
+    if os.sep not in rel and rel not in (".", ".."):
+        try:
+            st = os.lstat(os.path.join(real_root, rel))
+        except OSError:
+            return BadRecord("missing_image", f"{rel} not found under {root}")
+        if stat.S_ISREG(st.st_mode):  # a regular file, not a symlink: it cannot lead outside
+            return None
+    try:
+        resolve_image(root, rel)
+    except BadRecord as e:
+        return e
+    return None
+
+
+def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any], list[tuple[str, str, str]]]:
+    """(records whose image is a file under ``root`` or who have none, [(id, reason, detail)] for the others).
+
+    A stat per distinct image, no decoding: training drops these before step 1, so that the sampler never draws
+    a record that cannot load. Files that exist but do not decode are found later, when a worker opens them.
+    """
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    verdicts: dict[str, BadRecord | None] = {}
+    kept, bad = [], []
+    for rec in records:
+        if rec.image is not None:
+            if rec.image not in verdicts:
+                verdicts[rec.image] = _locate(real_root, root, rec.image)
+            why = verdicts[rec.image]
+            if why is not None:
+                bad.append((rec.id, why.reason, why.detail))
+                continue
+        kept.append(rec)
+    return kept, bad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pixels
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _to_rgb(img: Any) -> Any:
+    """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled down, palette transparency honoured."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        # convert("RGB") clips 16-bit values at 255 (a white image); scale 0..65535 down to 0..255 instead.
+        img = img.convert("I")
+        _, hi = img.getextrema()
+        if mode.startswith("I;16") or hi > 255:
+            img = img.point(lambda v: v * (1 / 256))
+        return img.convert("L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """Open, fully decode, turn upright (EXIF orientation) and convert to RGB; BadRecord with an image reason
+    if that is not possible, whatever the cause."""
+    return _decode(Path(path), max_pixels, reduced=False)[0]
+
+
+def check_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Raise what ``open_image`` would raise for this file, faster; returns its upright (width, height).
+
+    JPEGs decode at 1/8 scale (libjpeg's DCT scaling): every byte of the entropy-coded data is still read, so
+    truncated and corrupt files fail the same way, at about two thirds of the cost of a full decode.
+    """
+    return _decode(Path(path), max_pixels, reduced=True)[1]
+
+
+def _check_header(name: str, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse, from the header alone, what must not be decoded or cannot be preprocessed sensibly."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise BadRecord("undecodable_image", f"{name}: {w}x{h} pixels")
+    if w * h > max_pixels:
+        raise BadRecord("image_too_large", f"{name}: {w}x{h} is over {max_pixels:,} pixels; refused before decoding")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise BadRecord("extreme_aspect_ratio", f"{name}: {w}x{h}, one side over {MAX_ASPECT_RATIO}x the other")
+
+
+def _open_file(path: Path):
+    try:
+        if path.stat().st_size == 0:
+            raise BadRecord("empty_image", f"{path.name} is 0 bytes")
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise BadRecord("missing_image", f"{path} not found") from None
+    except IsADirectoryError:
+        raise BadRecord("not_a_file", f"{path.name} is a folder") from None
+    except OSError as e:
+        raise BadRecord("unreadable_image", f"{path.name}: {e.strerror or e}") from None
+
+
+def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int, int]]:
+    """(upright RGB image, its upright full (width, height)); ``reduced``: JPEGs decode at 1/8 scale."""
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    f = _open_file(path)
+    # Truncated files must fail here, not turn into half-grey training images, whatever the caller set.
+    old_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        # (catch_warnings is process-wide: image checks run in processes, not threads, for this reason too)
+        with f, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(f)  # reads the header only; PIL refuses a decompression bomb here
+            _check_header(path.name, img.size, max_pixels)
+            orientation = img.getexif().get(ORIENTATION, 1)
+            # the full-scale size, upright (EXIF orientations 5-8 turn the picture by 90 degrees)
+            size = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
+            if reduced and img.format == "JPEG":
+                img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))  # 0 would divide by zero
+            img.load()  # an animated GIF/WebP/PNG: its first frame
+            if orientation != 1:  # upright, as a viewer shows it: phones store pixels sideways with this tag
+                ImageOps.exif_transpose(img, in_place=True)
+        try:
+            return _to_rgb(img), size
+        except ValueError as e:
+            raise BadRecord("unsupported_image_mode", f"{path.name}: {img.mode}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadRecord("image_too_large", f"{path.name}: {str(e).rstrip('.')}; refused before decoding") from None
+    except UnidentifiedImageError:
+        raise BadRecord("not_an_image", f"{path.name}: not a format PIL can read") from None
+    except BadRecord:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        # PIL raises these for damaged files (SyntaxError: broken PNG chunks; OSError: truncated data).
+        raise BadRecord("truncated_image", f"{path.name}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # anything else PIL meets in a hostile file is this record's reason, never a crash
+        raise BadRecord("undecodable_image", f"{path.name}: {type(e).__name__}: {e}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
