@@ -60,6 +60,12 @@ def aliases(cls: type) -> dict[str, Alias]:
     return dict(getattr(cls, "ALIASES", {}))
 
 
+def _members(tp: Any) -> list[Any]:
+    """The plain types a ``X | Y`` annotation admits (``list[...]`` counted as ``list``)."""
+    return [typing.get_origin(a) or a for a in typing.get_args(tp)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [typing.get_origin(tp) or tp]
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -110,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif "default" not in help_text:
             help_text += f" (default: {default})"
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, type=tp, metavar=f.name.upper(),
+            # optional for argparse, so that a --config file can give it; build() names it when nothing does
+            parser.add_argument(f.name, type=tp, metavar=f.name.upper(), nargs="?", default=argparse.SUPPRESS,
                                 help=f.metadata.get("help", "").replace("%", "%%"))
         else:
             _add_flag(parser, f.name, tp, f.name, help_text)
@@ -140,6 +147,8 @@ def closest_flags(given: str, valid: list[str], n: int = 3) -> list[str]:
 
 def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
     inner, optional = _base_type(tp)
+    if isinstance(value, list) and list in _members(tp):  # `str | list`: a YAML list (a data mixture)
+        return value
     if value is None:
         if optional:
             return None

@@ -37,7 +37,9 @@ from .data.dataset import Collator, DropFailed, ResumableBatchSampler, TrainData
 from .data.images import locate_records
 from .data.records import duplicate_ids, load_records, resolve_data
 from .errors import RunFailed, UsageError
+from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
+from .heldout import share as heldout_share
 from .fsutil import make_readable, move_into_place
 from .modeling import format_param_stats, param_stats, quiet_transformers
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
@@ -53,7 +55,8 @@ RUN_IDENTITY = ("model", "data", "split", "eval_data", "init_from", "lora_r", "l
 @dataclass
 class TrainConfig:
     model: str = field(help="MODEL_DIR written by `llava-lora build`")
-    data: str = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json")
+    data: str | list = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json; in YAML also a list "
+                                  "of sources {path, image_dir, weight, split} (a mixture, see data/sources.py)")
     out: str = field(help="RUN_DIR: adapter, checkpoints, logs")
     image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else DATA)")
     split: str | None = field(None, help="data split file in a DATA folder (default: chat.json)")
@@ -521,11 +524,15 @@ class Recipe:
     def _setup_data(self) -> None:
         """The training records, the held-out ones, and RUN_DIR with the resolved config."""
         cfg = self.cfg
-        self.data_file, self.image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
-        self.records, self.parse_errors = load_records(self.data_file)
-        # Images that are missing or outside the root are found now, by a stat, and never reach the sampler.
-        self.records, unlocated = locate_records(self.records, self.image_root)
-        self.parse_errors += unlocated
+        self.sources = None  # per-record source names, for a mixture
+        if is_mixture(cfg.data):
+            self._setup_mixture()
+        else:
+            self.data_file, self.image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
+            self.records, self.parse_errors = load_records(self.data_file)
+            # Images that are missing or outside the root are found now, by a stat, and never reach the sampler.
+            self.records, unlocated = locate_records(self.records, self.image_root)
+            self.parse_errors += unlocated
         self.held, self.held_root = None, None
         if cfg.eval_data is not None:
             self.records, self.held, self.held_root, held_errors = heldout_records(
@@ -539,6 +546,18 @@ class Recipe:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfglib.save(cfg, self.run_dir / CONFIG_FILE)
+
+    def _setup_mixture(self) -> None:
+        """Several sources: records weighted, each with its own image root (and its source in every report)."""
+        cfg = self.cfg
+        if cfg.image_dir or cfg.split:
+            raise UsageError("with a list of data sources, give each its own image_dir and split")
+        if heldout_share(cfg.eval_data) is not None:
+            raise UsageError(f"--eval-data {cfg.eval_data}: a share cannot be held out of a mixture; give a file")
+        mix = load_mixture(parse_sources(cfg.data), cfg.seed)
+        self.records, self.parse_errors, self.sources = mix.records, mix.rejected, mix.names
+        self.image_root = mix.roots
+        self.data_file = " + ".join(f"{f} ({n} records)" for f, _, n in mix.files)
 
     def _setup_model(self) -> None:
         """MODEL_DIR with LoRA (and the projector) trainable in fp32, everything else frozen."""
@@ -576,7 +595,7 @@ class Recipe:
         cfg, config = self.cfg, self.model.config
         image_tokens = image_tokens_per_image(config)
         dataset = TrainDataset(self.records, self.image_root, self.processor, config.image_token_id, image_tokens,
-                               cfg.max_length)
+                               cfg.max_length, self.sources)
         self.heldout = None
         if self.held is not None:
             held_dataset = TrainDataset(self.held, self.held_root, self.processor, config.image_token_id,

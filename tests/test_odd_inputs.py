@@ -101,7 +101,7 @@ def test_exif_rotated_jpeg_training_pixels_are_those_of_the_upright_image(corpus
     with Image.open(stored) as raw:
         upright = raw.convert("RGB").transpose(Image.Transpose.ROTATE_270)
     want = processor(images=upright, return_tensors="pt")["pixel_values"][0]
-    assert np.array_equal(ds._pixels("exif_rotated.jpg").numpy(), want.numpy())
+    assert np.array_equal(ds._pixels(ds.image_root, "exif_rotated.jpg").numpy(), want.numpy())
 
 
 def test_decompression_bomb_is_refused_before_decoding(corpus, tmp_path, monkeypatch):
@@ -337,9 +337,9 @@ def test_a_processor_refusal_is_the_records_skip_in_training(corpus):
     proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()
     ds = TrainDataset(records, corpus.root, proc, 0, 0, None)
     with pytest.raises(BadRecord, match="one_px.png: ValueError: cannot infer") as err:
-        ds._pixels("one_px.png")
+        ds._pixels(ds.image_root, "one_px.png")
     assert err.value.reason == "preprocess_failed"
-    assert ds._pixels("cmyk.jpg").shape == (3, 4, 4)
+    assert ds._pixels(ds.image_root, "cmyk.jpg").shape == (3, 4, 4)
     assert Skip("x", "preprocess_failed", "", 3).index == 3
 
 

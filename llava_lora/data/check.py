@@ -35,7 +35,8 @@ MIN_POOL = 256  # fewer unique images than this are checked in-process (a pool c
 
 @dataclass
 class CheckConfig:
-    data: str = field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json")
+    data: str | list = field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json (in a "
+                                                   "--config file also a list of sources: see data/sources.py)")
     image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else its folder)")
     split: str | None = field(None, help="with a folder DATA: check {split}.json instead of chat.json")
     json: str | None = field(None, help="write the full report (every bad record) to this JSON file")
@@ -211,14 +212,23 @@ def _length_check(cfg: CheckConfig) -> tuple[Callable[[Record], int] | None, int
 
 
 def main(cfg: CheckConfig) -> int:
-    file, root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
+    from .sources import parse_sources
+
+    sources = parse_sources(cfg.data, cfg.split, cfg.image_dir)
+    if len(sources) > 1 and (cfg.split or cfg.image_dir):
+        raise UsageError("with a list of data sources, give each its own image_dir and split")
     length_fn, max_length = _length_check(cfg)
-    report = check_file(file, root, workers=cfg.workers, length_fn=length_fn, max_length=max_length)
-    if report.total == 0:
-        raise UsageError(f"{file}: holds no records")
-    print_report(report, file, root)
+    payloads, bad = [], 0
+    for src in sources:  # each source with its own image root: one report each, and one exit code for all
+        file, root = resolve_data(src.path, src.split, src.image_dir)
+        report = check_file(file, root, workers=cfg.workers, length_fn=length_fn, max_length=max_length)
+        if report.total == 0:
+            raise UsageError(f"{file}: holds no records")
+        print_report(report, file, root)
+        payloads.append({"data": str(file), "image_root": str(root), "weight": src.weight, **report.to_dict()})
+        bad += len(report.bad)
     if cfg.json:
-        payload = {"data": str(file), "image_root": str(root), **report.to_dict()}
+        payload = payloads[0] if len(payloads) == 1 else {"sources": payloads}
         Path(cfg.json).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
         print(f"report written to {cfg.json}")
-    return 0 if not report.bad else 1
+    return 0 if not bad else 1

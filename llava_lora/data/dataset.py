@@ -30,10 +30,13 @@ class Skip:
 class TrainDataset(torch.utils.data.Dataset):
     """``records[i]`` -> dict(input_ids, labels, pixel_values | None), or a ``Skip``."""
 
-    def __init__(self, records: list[Record], image_root: Path, processor, image_token_id: int,
-                 image_tokens: int, max_length: int | None):
+    def __init__(self, records: list[Record], image_root: Path | list[Path], processor, image_token_id: int,
+                 image_tokens: int, max_length: int | None, sources: list[str] | None = None):
         self.records = records
-        self.image_root = Path(image_root)
+        # one image root, or one per record (a mixture); ``sources`` names each record's source in its skip
+        self.roots = image_root if isinstance(image_root, list) else None
+        self.image_root = None if self.roots is not None else Path(image_root)
+        self.sources = sources
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = image_token_id
@@ -47,14 +50,16 @@ class TrainDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         try:
             enc = prompts.encode(self.tokenizer, rec, self.image_token_id, self.image_tokens, self.max_length)
-            pixels = None if rec.image is None else self._pixels(rec.image)
+            root = self.roots[i] if self.roots is not None else self.image_root
+            pixels = None if rec.image is None else self._pixels(root, rec.image)
         except BadRecord as e:
-            return Skip(rec.id, e.reason, e.detail, i)
+            detail = e.detail if self.sources is None else f"{e.detail} (source {self.sources[i]})"
+            return Skip(rec.id, e.reason, detail, i)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
 
-    def _pixels(self, rel: str) -> torch.Tensor:
+    def _pixels(self, root: Path, rel: str) -> torch.Tensor:
         """[3, H, W] of the image ``rel``; whatever fails, in the file or the processor, is a BadRecord."""
-        image = open_image(resolve_image(self.image_root, rel))
+        image = open_image(resolve_image(root, rel))
         try:
             return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         except Exception as e:  # the processor's own limits: the record's reason, not the worker's death
