@@ -1,7 +1,8 @@
-"""``llava-lora``: a thin table from subcommand to stage function (see DESIGN.md, command-line contract).
+"""``llava-lora``: a thin table from subcommand to stage function.
 
-Each stage module exposes a config dataclass and ``main(cfg) -> int | None``; flags and YAML keys share
-the dataclass's field names.
+Each stage module exposes a config dataclass and ``main(cfg) -> int | None``; flags and YAML keys share the
+dataclass's field names. Exit codes: 0 the stage did its job, 1 it ran and could not (``RunFailed``: a run that
+learned nothing, a data check that found bad records), 2 bad input (``UsageError``: one line naming the cause).
 """
 
 from __future__ import annotations

@@ -51,14 +51,13 @@ class Encoded:
     labels: np.ndarray  # [T] int64, IGNORE_INDEX outside assistant answers (each answer's end-of-turn kept)
 
 
-def encode(tokenizer, record: Record, image_token_id: int, image_tokens: int, max_length: int | None,
-           chat_template: str | None = None) -> Encoded:
+def encode(tokenizer, record: Record, image_token_id: int, image_tokens: int, max_length: int | None) -> Encoded:
     """Token ids and labels of a whole conversation.
 
     Raises ``BadRecord`` with ``empty_supervision`` when no answer token survives, and ``too_long`` when the
     record cannot fit ``max_length`` without cutting its image tokens or every answer.
     """
-    out = tokenizer.apply_chat_template(messages(record), chat_template=chat_template, tokenize=True,
+    out = tokenizer.apply_chat_template(messages(record), tokenize=True,
                                         return_dict=True, return_assistant_tokens_mask=True)
     ids = np.asarray(out["input_ids"], dtype=np.int64)
     mask = np.asarray(out["assistant_masks"], dtype=bool)
