@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__, prompts
+from . import __version__, layout, prompts
 from . import config as cfglib
 from .adapters import adapter_dir, fingerprint, wrapped_modules
 from .config import field
@@ -174,7 +174,7 @@ def main(cfg: ExportConfig) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        merged.save_pretrained(tmp)
+        layout.save_model(merged, tmp)
         copy_processor(Path(cfg.model), tmp)
         del model, merged, processor
         meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
