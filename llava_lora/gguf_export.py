@@ -39,6 +39,8 @@ PRE_TOKENIZERS = {
         "llama-bpe",
 }
 
+GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+
 LM_NAMES = {  # HF name under language_model.model. (N: layer) -> GGUF name
     "embed_tokens.weight": "token_embd.weight",
     "norm.weight": "output_norm.weight",
@@ -188,7 +190,10 @@ def write_lm(folder: Path, path: Path, lm_type: str) -> None:
     w.add_tokenizer_pre(pre_tokenizer(folder))
     w.add_token_list(tokens)
     w.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=tc.vocab_size).add_to_gguf(w)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=tc.vocab_size)
+    if isinstance(special.chat_template, str):  # {% generation %} marks training targets; llama.cpp's Jinja lacks it
+        special.chat_template = GENERATION_TAG.sub("", special.chat_template)
+    special.add_to_gguf(w)
 
     for key, load in read_tensors(folder):
         if key == "language_model.lm_head.weight":

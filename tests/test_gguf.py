@@ -116,6 +116,10 @@ def test_language_model_gguf_names_shapes_types_metadata(exported: Path):
     assert field(reader, "tokenizer.ggml.token_type")[image_id] == 3  # CONTROL: a special token
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.convert_tokens_to_ids("<|im_end|>")
     assert len(field(reader, "tokenizer.ggml.merges")) > 0
+    template = field(reader, "tokenizer.chat_template")  # the chat format, less transformers' training tags
+    assert "<|im_start|>assistant" in template and "{% generation %}" not in template
+    assert template == (exported / "chat_template.jinja").read_text().replace(
+        "{% generation %}", "").replace("{% endgeneration %}", "")
 
 
 def test_mmproj_holds_the_tower_up_to_the_feature_layer_and_the_trained_projector(exported: Path):
