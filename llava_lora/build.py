@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from . import __version__, templates
+from . import __version__, layout, templates
 from .config import field
 from .errors import UsageError
 from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
@@ -229,7 +229,7 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
     )
     stats = param_stats(model)
     with quiet_transformers():
-        model.save_pretrained(workdir)
+        layout.save_model(model, workdir)
 
     tokenizer.chat_template = llava_template
     processor = LlavaProcessor(

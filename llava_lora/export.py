@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__, prompts
+from . import __version__, gguf_export, layout, prompts
 from . import config as cfglib
 from .adapters import adapter_dir, fingerprint, wrapped_modules
 from .config import field
@@ -48,6 +48,9 @@ class ExportConfig:
     check_samples: int = field(4, help="samples in the self-check (0: no check)")
     check_tokens: int = field(16, help="greedy tokens per answer in the self-check")
     overwrite: bool = field(False, help=OVERWRITE_HELP)
+    format: Literal["safetensors", "gguf"] = field(
+        "safetensors", help="gguf: also write llama.cpp/Ollama files (LM, mmproj, Modelfile) into MERGED_DIR")
+    gguf_type: Literal["f16", "bf16", "q8_0"] = field("q8_0", help="weight type of the GGUF language model")
     device: str | None = field(None, help="cpu or cuda; none: cuda when available")
 
     def __post_init__(self) -> None:
@@ -167,7 +170,7 @@ def main(cfg: ExportConfig) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        merged.save_pretrained(tmp)
+        layout.save_model(merged, tmp)
         copy_processor(Path(cfg.model), tmp)
         del model, merged, processor
         meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
@@ -177,6 +180,8 @@ def main(cfg: ExportConfig) -> int:
             plain, plain_processor = load_plain(tmp, device, torch.float32)
             got = greedy(plain, plain_processor, records, images, cfg.check_tokens)
             meta["self_check"] = self_check(expected, got, records, dtype_name)
+        if cfg.format == "gguf":  # from the checked folder, so the GGUF files hold what the self-check ran
+            meta["gguf"] = [p.name for p in gguf_export.write(tmp, tmp, cfg.gguf_type)]
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         cfglib.save(cfg, tmp / "export.yaml")
         make_readable(tmp)
