@@ -26,7 +26,7 @@ from . import metrics, prompts
 from .config import field
 from .data.records import BadRecord, Record, load_records, open_image, resolve_data, resolve_image
 from .errors import UsageError
-from .inference import GenerationSettings, answer, settings_from
+from .inference import GenerationSettings, answer_each, settings_from
 
 OUTPUTS = ("predictions.jsonl", "summary.json", "report.md", "eval.yaml")
 SYSTEMS = ("base", "finetuned")
@@ -49,7 +49,7 @@ class EvalConfig(GenerationSettings):
     overwrite: bool = field(False, help="write into an existing non-empty output folder")
     examples: int = field(20, help="most differing examples shown in report.md")
     device: str | None = field(None, help="cpu or cuda; none: cuda when available")
-    dtype: str = field("auto", help="auto, float32, bfloat16 or float16")
+    dtype: str = field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
     seed: int = field(0, help="seed for sampling (temperature > 0)")
 
     def __post_init__(self) -> None:
@@ -105,8 +105,8 @@ def predict(model, processor, records: Sequence[Record], image_root: Path, setti
             ) -> tuple[list[Prediction], list[dict[str, str]]]:
     """(predictions in ``records`` order, skipped samples) answered by each of ``systems``.
 
-    Each batch's images are decoded once and answered by the base (adapter off) and the fine-tuned model
-    (adapter on). Records are batched by prompt length, so that short prompts do not wait on padding.
+    Each batch's images are decoded and preprocessed once, and go through the frozen vision tower once, for the
+    base (adapter off) and the fine-tuned model (adapter on) alike. Records are batched by prompt length, so that short prompts do not wait on padding.
     """
     from tqdm.auto import tqdm
 
@@ -128,8 +128,8 @@ def predict(model, processor, records: Sequence[Record], image_root: Path, setti
                     skipped.append({"id": records[i].id, "reason": e.reason, "detail": e.detail, "when": "image"})
             if kept:
                 texts = [asked[i][0] for i in kept]
-                outs = {s: answer(model, processor, texts, images, settings, adapter=s == "finetuned")
-                        for s in systems}
+                answers = answer_each(model, processor, texts, images, settings, [s == "finetuned" for s in systems])
+                outs = dict(zip(systems, answers))
                 for k, i in enumerate(kept):
                     done[i] = Prediction(records[i].id, prompts.question(records[i]), asked[i][1],
                                          {s: outs[s][k] for s in systems})

@@ -35,7 +35,7 @@ from .data.dataset import Collator, ResumableBatchSampler, TrainDataset
 from .data.records import load_records, resolve_data
 from .errors import UsageError
 from .fsutil import make_readable, move_into_place
-from .modeling import format_param_stats, param_stats, quiet_transformers
+from .modeling import PRECISION_DTYPES, format_param_stats, param_stats, quiet_transformers, train_precision
 from .prompts import IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
@@ -72,7 +72,8 @@ class TrainConfig:
     max_grad_norm: float = field(0.3, help="gradient clipping norm")
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        "auto", help="auto: bf16 where the GPU supports it, else fp32")
+        "auto", help="compute and frozen-weight precision; auto: bf16 on a GPU that has it and on a CPU (native "
+                     "there with AVX512-BF16/AMX, else emulated but half the memory), else fp32")
     max_length: int = field(2048, help="most tokens per sample; longer samples are cut in their text, never in "
                                        "image tokens, or skipped")
     group_by_length: bool = field(True, help="batch samples of similar length together (less padding)")
@@ -297,12 +298,6 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
 # The run
 # --------------------------------------------------------------------------------------------------------
 
-def _precision(cfg: TrainConfig, device: str) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def _estimated_lengths(records, image_tokens: int) -> list[int]:
     """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
     return [(image_tokens if r.image else 0) + sum(len(t.text) for t in r.turns) * 2 // 7 for r in records]
@@ -325,10 +320,9 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
     model_dir = Path(cfg.model)
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"--model {model_dir}: not a MODEL_DIR (no config.json); make one with `llava-lora build`")
-    # Frozen weights in half precision where the run is in half precision; fp32 elsewhere.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    if device == "cpu":
-        dtype = torch.float32  # CPU autocast handles bf16 compute; fp32 weights keep the CPU kernels fast
+    # Frozen weights in the run's precision on every device (bf16: 8.5 GB for the 4 B model, not 17), loaded
+    # so once and never cast per forward; main() keeps fp32 masters of what is trained.
+    dtype = PRECISION_DTYPES[precision]
     kwargs = {}
     if cfg.quantize == "4bit":  # quantised on loading, onto this process's GPU (a 4-bit model is not moved after)
         kwargs = {"quantization_config": _quantization_config(dtype), "device_map": {"": gpu_index}}
@@ -345,7 +339,7 @@ def main(cfg: TrainConfig) -> int:
 
     run_dir = Path(cfg.out)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = _precision(cfg, device)
+    precision, precision_why = train_precision(cfg.precision, device)
     # refused here, before RUN_DIR is touched or a model loaded: an option that cannot apply is never ignored
     check_quantize(cfg.quantize, device)
     check_compile(cfg.compile, device)
@@ -413,6 +407,8 @@ def main(cfg: TrainConfig) -> int:
     if is_main:
         print(f"training {cfg.model} on {data_file} ({len(records)} records, {len(parse_errors)} rejected) "
               f"-> {run_dir}")
+        print(f"precision {precision} on {device} ({precision_why}): frozen weights in "
+              f"{str(PRECISION_DTYPES[precision]).removeprefix('torch.')}, trained ones (LoRA, projector) in float32")
         print(f"device {device} x{world}, precision {precision}, attention {attn_implementation}, fused loss "
               f"{'on' if fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize {cfg.quantize}; "
               f"LoRA r={cfg.lora_r} on {len(wrapped_modules(peft_model))} modules; "
