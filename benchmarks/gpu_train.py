@@ -306,7 +306,9 @@ def run_setting(s: Shape, config, batch: dict, gc_on: bool, device: str, steps: 
     """Build, wrap and train for warmup + steps; return the measurements and the parameter counts."""
     from llava_lora.train import LlavaLoss
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as train's _load_model on cuda / on cpu
+    # as train's _load_model on cuda; the --device cpu run is an fp32 check of the code path (train itself runs bf16
+    # on a CPU since issue 11)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -327,7 +329,7 @@ def run_setting(s: Shape, config, batch: dict, gc_on: bool, device: str, steps: 
     inputs = fast["model_inputs"](batch["tensors"], device)  # as train moves a batch: no mask when right-padded
     n_supervised = batch["supervised_tokens"]
 
-    def autocast():  # bf16 autocast on cuda (accelerate's bf16 mode); on cpu train runs fp32 without autocast
+    def autocast():  # bf16 autocast on cuda (accelerate's bf16 mode); the cpu check runs fp32 without autocast
         return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
     sync(device)

@@ -23,8 +23,10 @@ Step times are wall-clock from the end of the last warm-up step to the end of th
 included. Prints samples/s, tokens/s (non-padding tokens, image tokens included), peak memory, the ratios
 ours/TRL, the losses of both (they must agree: the same work), and the MFU: useful model FLOPs per second
 (counted in ``workloads.step_flops``) over the FLOP/s of a 2048x2048 matmul in the same precision, measured in
-this run. Where the CPU has bf16 instructions, our trainer also runs with ``--precision bf16`` (CPU autocast) and
-its gain is printed. With ``--compile``, ours runs again with ``--compile`` and TRL with ``torch_compile=True``
+this run. Where the CPU has bf16 instructions, our trainer also runs with ``--precision bf16`` (frozen weights
+loaded in bf16, fp32 masters of LoRA and the projector, CPU autocast) and its gain is printed, with its losses
+checked against fp32's (within 1% on every step) and its MFU against the bf16 matmul peak (target 60% on
+``proportional``). With ``--compile``, ours runs again with ``--compile`` and TRL with ``torch_compile=True``
 (the compilation falls in the warm-up steps: give ``--warmup 3``), each compared with the other. A shared or
 virtual machine's speed drifts by several percent from minute to minute: ``--repeats N`` runs the trainers N
 times, taking turns, and counts each one's median time. Each target is printed with PASS or MISS.
@@ -55,7 +57,8 @@ TARGETS = {  # shape -> (min samples/s ratio ours/TRL, max peak-memory ratio our
     "real-vocab": (10.0, 0.4),
 }
 STEPS = {"real-vocab": (1, 4)}  # shape -> default (warm-up, timed) steps where TRL is too slow for (2, 8)
-MFU_TARGET = 0.75  # on `proportional`
+MFU_TARGET = 0.75  # on `proportional`, fp32
+BF16_MFU_TARGET = 0.60  # on `proportional`, bf16 (frozen weights in bf16), of the measured bf16 matmul peak
 LOSS_TOLERANCE = 0.01  # relative, on every step's loss
 
 
@@ -338,13 +341,18 @@ def report(shape: str, a, runs: dict, flops: float, peaks: dict, device: str) ->
     if shape == "proportional":
         for name, r in runs.items():
             if name.startswith("ours"):
-                checks.append((f"{shape}: MFU {name} >= {MFU_TARGET:.0%} of its precision's matmul peak: "
-                               f"{r['mfu']:.0%}", r["mfu"] >= MFU_TARGET))
+                target = BF16_MFU_TARGET if name.endswith("(bf16)") else MFU_TARGET
+                checks.append((f"{shape}: MFU {name} >= {target:.0%} of its precision's matmul peak: "
+                               f"{r['mfu']:.0%}", r["mfu"] >= target))
     bf16 = runs.get("ours (bf16)")
     if bf16 is not None:
-        print(f"  bf16 autocast: {ours['seconds'] / bf16['seconds']:.2f}x the samples/s of fp32; losses differ from "
-              f"fp32 by at most {max(rel(x, y) for x, y in zip(bf16['losses'], ours['losses'])):.2%} "
+        worst = max(rel(x, y) for x, y in zip(bf16["losses"], ours["losses"]))
+        print(f"  bf16 (frozen weights in bf16, fp32 LoRA and projector, autocast): "
+              f"{ours['seconds'] / bf16['seconds']:.2f}x the samples/s of fp32, {mem} "
+              f"{bf16['peak_memory'] / ours['peak_memory']:.2f}x; losses differ from fp32 by at most {worst:.2%} "
               f"(final {rel(bf16['losses'][-1], ours['losses'][-1]):.2%})")
+        checks.append((f"{shape}: losses of ours bf16 within {LOSS_TOLERANCE:.0%} of ours fp32 on every step: "
+                       f"worst {worst:.3%}", worst <= LOSS_TOLERANCE))
     return checks
 
 

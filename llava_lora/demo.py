@@ -4,7 +4,8 @@
 
 Tab 1 answers a data-set sample with both models and checks each answer against the reference; tab 2 answers
 an uploaded image and a typed question. One model is in memory: the fine-tuned answer comes with the adapter
-on, the base answer from the same model under peft's ``disable_adapter()``. Answers stream token by token.
+on, the base answer from the same model under peft's ``disable_adapter()``, in the checkpoint's own dtype; the
+frozen vision tower runs once per image for both. Answers stream token by token.
 
 Safe by default: it binds 127.0.0.1 and makes no share link unless ``--share``; uploads are refused over a
 byte size or a pixel count, both checked before the image is decoded; max new tokens is capped; generation
@@ -34,7 +35,7 @@ from .config import field
 from .data.images import open_image, resolve_image
 from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
-from .inference import GenerationSettings, adapter_switch, prepare_inputs
+from .inference import GenerationSettings, adapter_switch, prepare_inputs, vision_once
 from .metrics import exact_match_normalised
 from .modeling import format_param_stats, load_model, param_stats
 
@@ -64,7 +65,7 @@ class DemoConfig:
     port: int = field(7860, help="port to listen on")
     share: bool = field(False, help="ask Gradio for a public share link (off: the page stays local)")
     device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
-    dtype: str = field("auto", help="auto, float32, bfloat16 or float16")
+    dtype: str = field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
     max_new_tokens: int = field(64, help="default of the page's max-new-tokens slider")
     max_new_tokens_cap: int = field(256, help="the most new tokens a request may ask for")
     max_upload_mb: float = field(10.0, help="uploads larger than this many megabytes are refused")
@@ -126,13 +127,13 @@ class Engine:
         return prepare_inputs(self.model, self.processor, [prompt], [image])
 
     def stream(self, prompt: str, image: Image.Image | None, settings: GenerationSettings,
-               adapter: bool) -> Iterator[str]:
-        """The answer so far, after each new piece of text."""
+               adapter: bool, inputs=None) -> Iterator[str]:
+        """The answer so far, after each new piece of text (``inputs``: already prepared for this prompt)."""
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         tokenizer = self.processor.tokenizer
-        inputs = self._inputs(prompt, image)
+        inputs = self._inputs(prompt, image) if inputs is None else inputs
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         failure: list[BaseException] = []
@@ -169,12 +170,16 @@ class Engine:
         t0 = time.perf_counter()
         base = tuned = ""
         yield base, tuned, "Generating the base answer…"
-        for base in self.stream(prompt, image, settings, adapter=False):
-            yield base, tuned, "Generating the base answer…"
-        if self.has_adapter:
-            yield base, tuned, "Generating the fine-tuned answer…"
-            for tuned in self.stream(prompt, image, settings, adapter=True):
+        # One preprocessing and one pass of the frozen vision tower serve both answers. Holding the tower's cache
+        # across the two generations is safe: both generating events share one concurrency group of size 1.
+        inputs = self._inputs(prompt, image)
+        with vision_once(self.model):
+            for base in self.stream(prompt, image, settings, adapter=False, inputs=inputs):
+                yield base, tuned, "Generating the base answer…"
+            if self.has_adapter:
                 yield base, tuned, "Generating the fine-tuned answer…"
+                for tuned in self.stream(prompt, image, settings, adapter=True, inputs=inputs):
+                    yield base, tuned, "Generating the fine-tuned answer…"
         yield base, tuned, f"Done in {time.perf_counter() - t0:.1f} s."
 
 

@@ -28,7 +28,7 @@ from .data.images import open_image, resolve_image
 from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
 from .fsutil import OVERWRITE_HELP, check_out, new_folder
-from .inference import GenerationSettings, answer, settings_from
+from .inference import GenerationSettings, answer_each, settings_from
 
 OUTPUTS = ("predictions.jsonl", "summary.json", "report.md", "eval.yaml")
 SYSTEMS = ("base", "finetuned")
@@ -51,7 +51,7 @@ class EvalConfig(GenerationSettings):
     overwrite: bool = field(False, help=OVERWRITE_HELP)
     examples: int = field(20, help="most differing examples shown in report.md")
     device: str | None = field(None, help="cpu or cuda; none: cuda when available")
-    dtype: str = field("auto", help="auto, float32, bfloat16 or float16")
+    dtype: str = field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
     seed: int = field(0, help="seed for sampling (temperature > 0)")
 
     def __post_init__(self) -> None:
@@ -107,8 +107,8 @@ def predict(model, processor, records: Sequence[Record], image_root: Path, setti
             ) -> tuple[list[Prediction], list[dict[str, str]]]:
     """(predictions in ``records`` order, skipped samples) answered by each of ``systems``.
 
-    Each batch's images are decoded once and answered by the base (adapter off) and the fine-tuned model
-    (adapter on). Records are batched by prompt length, so that short prompts do not wait on padding.
+    Each batch's images are decoded and preprocessed once, and go through the frozen vision tower once, for the
+    base (adapter off) and the fine-tuned model (adapter on) alike. Records are batched by prompt length, so that short prompts do not wait on padding.
     """
     from tqdm.auto import tqdm
 
@@ -144,7 +144,9 @@ def _answer_batch(model, processor, kept: list[int], images: list, asked: list[t
         return []
     texts = [asked[i][0] for i in kept]
     try:
-        outs = {s: answer(model, processor, texts, images, settings, adapter=s == "finetuned") for s in systems}
+        # one preprocessing and one vision-tower pass for the base and the fine-tuned answers
+        outs = dict(zip(systems, answer_each(model, processor, texts, images, settings,
+                                             [s == "finetuned" for s in systems])))
     except Exception:
         if len(kept) > 1:
             return [row for k, i in enumerate(kept)

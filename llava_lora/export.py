@@ -3,12 +3,17 @@
     llava-lora export --model MODEL_DIR --adapter RUN_DIR --out MERGED_DIR [--data DATA --split test]
 
 MERGED_DIR is what ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load
-with no code of ours. The merge runs in float32 and the result is cast to the dtype MODEL_DIR was saved in
-(``--dtype`` picks another). The export checks itself before it is moved into place: greedy answers of the
-written folder, loaded with plain transformers, must equal those of MODEL_DIR + adapter on a few samples
-(``--data``'s first ones, else synthetic shape images), both run in float32. In half precision the merged
-weights are rounded once more than base + adapter are, so an answer may differ by a token: that is reported,
-not fatal; in float32 any difference is an error. The processor files are copied from MODEL_DIR unchanged.
+with no code of ours. One copy of the model is loaded, in the dtype MODEL_DIR was saved in (``--dtype`` picks
+another), and the adapter is merged into it in place: each LoRA layer's W + scale·B·A is summed in float32 (peft's
+merge) and rounded once to that dtype; the trained projector replaces the base's.
+
+The export checks itself on that same model before it writes anything: on a few samples (``--data``'s first
+ones, else synthetic shape images) it records the next-token logits of the prompt and a short greedy answer of
+base + adapter, merges, and asks again. In float32 the merge must be exact: logits within 1e-4 of their scale
+and the same answers, or nothing is written. In half precision the merged weights are rounded once more than
+base + adapter are, so the logits move by about that rounding and an answer may differ by a token: both are
+reported, not fatal, unless the logits move by more than 5% of their scale (a merge that went wrong). The
+processor files are copied from MODEL_DIR unchanged.
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ from .config import field
 from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
 from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
-from .inference import GenerationSettings, answer
+from .inference import GenerationSettings, generate, prepare_inputs
 
 EXPORT_FILE = "export.json"
 HALF = ("bfloat16", "float16")
+# Largest next-token logit change the merge may cause, relative to the largest |logit|: float32 must be exact;
+# in half precision the merged weights are rounded once more, which moves logits ~1% (bf16 keeps 8 bits).
+LOGIT_TOLERANCE = {"float32": 1e-4, "half": 0.05}
 NOT_COPIED = ("build_report.json",)  # MODEL_DIR's own report; MERGED_DIR gets export.json
 
 
@@ -45,8 +53,8 @@ class ExportConfig:
     data: str | None = field(None, help="samples for the self-check; none: synthetic shape images")
     split: str | None = field(None, help="split file in a DATA folder, e.g. test")
     image_dir: str | None = field(None, help="image root of DATA")
-    check_samples: int = field(4, help="samples in the self-check (0: no check)")
-    check_tokens: int = field(16, help="greedy tokens per answer in the self-check")
+    check_samples: int = field(2, help="samples in the self-check (0: no check)")
+    check_tokens: int = field(8, help="greedy tokens per answer in the self-check")
     overwrite: bool = field(False, help=OVERWRITE_HELP)
     format: Literal["safetensors", "gguf"] = field(
         "safetensors", help="gguf: also write llama.cpp/Ollama files (LM, mmproj, Modelfile) into MERGED_DIR")
@@ -60,10 +68,10 @@ class ExportConfig:
 
 
 def saved_dtype(model_dir: str | Path) -> str:
-    """The dtype MODEL_DIR's weights were saved in (transformers 5 writes ``dtype``, 4.x ``torch_dtype``)."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
-    return str(name).removeprefix("torch.")
+    """The dtype MODEL_DIR's weights were saved in, as a name (``bfloat16``)."""
+    from .modeling import checkpoint_dtype, dtype_name
+
+    return dtype_name(checkpoint_dtype(model_dir))
 
 
 def check_inputs(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
@@ -100,33 +108,57 @@ def check_inputs(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
     return records, images
 
 
-def greedy(model, processor, records: list[Record], images: list[Any], tokens: int) -> list[str]:
+@dataclass
+class Probe:
+    """What the self-check records of a model: each sample's next-token logits after its prompt, and its answer."""
+    logits: Any  # [N, V] float32
+    answers: list[str]
+
+
+def probe(model, processor, records: list[Record], images: list[Any], tokens: int) -> Probe:
+    """Greedy answers of ``records`` in one batch; the first generated step's logits come with them (the
+    prompt's forward, no extra one)."""
+    import torch
+
     texts = [prompts.generation_prompt(processor.tokenizer, prompts.prompt_and_reference(r)[0]) for r in records]
-    return answer(model, processor, texts, images, GenerationSettings(max_new_tokens=tokens))
+    inputs = prepare_inputs(model, processor, texts, images)
+    settings = GenerationSettings(max_new_tokens=tokens)
+    with torch.inference_mode():
+        out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=processor.tokenizer.pad_token_id,
+                             output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    answers = [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return Probe(out.logits[0].float(), answers)
 
 
-def load_plain(folder: Path, device: str, compute_dtype):
-    """MERGED_DIR as any user loads it: plain transformers, no code of ours."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from .modeling import quiet_transformers
-
-    with quiet_transformers():  # cast while loading: no second copy of the weights
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=compute_dtype)
-    return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
-
-
-def self_check(expected: list[str], got: list[str], records: list[Record], dtype: str) -> dict[str, Any]:
-    """Compare answers; print the differing ones. Raises in float32, where the merge must be exact."""
-    pairs = [{"id": r.id, "base+adapter": e, "merged": g} for r, e, g in zip(records, expected, got)]
-    equal = sum(e == g for e, g in zip(expected, got))
-    result = {"samples": len(pairs), "equal": equal, "answers": pairs}
+def self_check(expected: Probe | list[str], got: Probe | list[str], records: list[Record],
+               dtype: str) -> dict[str, Any]:
+    """Compare base + adapter (``expected``) with the merged model (``got``): next-token logits and greedy answers.
+    Prints the differing answers. Raises where the merge cannot be right: in float32 any difference; in half
+    precision logits that moved by more than rounding explains."""
+    exp_answers = expected.answers if isinstance(expected, Probe) else expected
+    got_answers = got.answers if isinstance(got, Probe) else got
+    pairs = [{"id": r.id, "base+adapter": e, "merged": g} for r, e, g in zip(records, exp_answers, got_answers)]
+    equal = sum(e == g for e, g in zip(exp_answers, got_answers))
+    result: dict[str, Any] = {"samples": len(pairs), "equal": equal, "answers": pairs}
+    half = dtype in HALF
+    drift = None
+    if isinstance(expected, Probe) and isinstance(got, Probe):
+        scale = float(expected.logits.abs().max()) or 1.0
+        drift = float((expected.logits - got.logits).abs().max()) / scale
+        result["logit_drift"] = drift
+        print(f"self-check: next-token logits of the merged model differ from base + adapter by at most "
+              f"{100 * drift:.3g}% of their largest magnitude")
     print(f"self-check: {equal} of {len(pairs)} greedy answers of the merged model equal base + adapter")
     for p in pairs:
         if p["base+adapter"] != p["merged"]:
             print(f"  {p['id']}: base+adapter {p['base+adapter']!r} vs merged {p['merged']!r}")
+    tolerance = LOGIT_TOLERANCE["half" if half else "float32"]
+    if drift is not None and drift > tolerance:
+        raise RuntimeError(f"the merged model's logits moved by {100 * drift:.3g}% (more than {100 * tolerance:g}%) "
+                           f"from base + adapter in {dtype}; MERGED_DIR was not written")
     if equal < len(pairs):
-        if dtype not in HALF:
+        if not half:
             raise RuntimeError("the merged model answers differently from base + adapter in float32; "
                                "MERGED_DIR was not written")
         print(f"  (the merged weights are rounded to {dtype}; export with --dtype float32 to compare exactly)")
@@ -142,44 +174,54 @@ def copy_processor(model_dir: Path, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
+def merge_in_place(model):
+    """The plain LlavaForConditionalGeneration of a peft ``model`` with its adapter folded into the same tensors:
+    LoRA layers get W + scale·B·A (summed in float32, rounded once to W's dtype), the trained projector replaces
+    the base's. No second copy of the weights is made."""
+    merged = model.merge_and_unload()
+    dtype = next(p.dtype for n, p in merged.named_parameters() if "language_model" in n)
+    return merged.to(dtype)  # a no-op unless some module came in another dtype
+
+
 def main(cfg: ExportConfig) -> int:
+    import time
+
     import torch
 
     from .modeling import default_device, load_model
 
+    start = time.perf_counter()
     out = Path(cfg.out)
     check_out(out, cfg.overwrite)
     src = adapter_dir(cfg.adapter)
     dtype_name = saved_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
-    dtype = getattr(torch, dtype_name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise UsageError(f"{cfg.model}/config.json names dtype {dtype_name!r}, which torch does not have")
+    dtype = getattr(torch, dtype_name)
     device = cfg.device or default_device()
     records, images = check_inputs(cfg) if cfg.check_samples else ([], [])
 
-    # float32 for the merge: W + BA summed at full precision, rounded once to the saved dtype
-    model, processor = load_model(cfg.model, cfg.adapter, dtype="float32", device=device)
-    expected = greedy(model, processor, records, images, cfg.check_tokens) if records else []
+    model, processor = load_model(cfg.model, cfg.adapter, dtype=cfg.dtype, device=device)
+    expected = probe(model, processor, records, images, cfg.check_tokens) if records else None
     layers = len(wrapped_modules(model))
-    merged = model.merge_and_unload()  # LoRA folded into its layers; the trained projector replaces the base's
-    print(f"merged {layers} LoRA layers and the projector of {src}")
-    merged.to(dtype)
-    for sub in (merged.config.text_config, merged.config.vision_config):
-        sub.dtype = dtype  # loaded in float32 for the merge; the saved config must name what is on disk
+    merged = merge_in_place(model)
+    del model
+    print(f"merged {layers} LoRA layers and the projector of {src} into the {dtype_name} weights")
+    check = None
+    if records:
+        check = self_check(expected, probe(merged, processor, records, images, cfg.check_tokens), records,
+                           dtype_name)
+    for sub in (merged.config, merged.config.text_config, merged.config.vision_config):
+        sub.dtype = dtype  # the saved config must name what is on disk
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         layout.save_model(merged, tmp)
         copy_processor(Path(cfg.model), tmp)
-        del model, merged, processor
         meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
                                 "base_fingerprint": fingerprint(cfg.model), "adapter": str(src.resolve()),
                                 "dtype": dtype_name}
-        if records:
-            plain, plain_processor = load_plain(tmp, device, torch.float32)
-            got = greedy(plain, plain_processor, records, images, cfg.check_tokens)
-            meta["self_check"] = self_check(expected, got, records, dtype_name)
+        if check is not None:
+            meta["self_check"] = check
         if cfg.format == "gguf":  # from the checked folder, so the GGUF files hold what the self-check ran
             meta["gguf"] = [p.name for p in gguf_export.write(tmp, tmp, cfg.gguf_type)]
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -188,5 +230,6 @@ def main(cfg: ExportConfig) -> int:
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} ({dtype_name}); load it with LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
+    print(f"wrote {out} ({dtype_name}) in {time.perf_counter() - start:.0f} s; load it with "
+          f"LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
     return 0

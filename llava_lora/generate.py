@@ -27,7 +27,7 @@ class GenerateConfig(GenerationSettings):
     image: str | None = field(None, help="image file (omit for a text-only prompt)")
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder) holding a trained adapter")
     device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
-    dtype: str = field("auto", help="auto, float32, bfloat16 or float16")
+    dtype: str = field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
     seed: int = field(0, help="seed for sampling")
 
 

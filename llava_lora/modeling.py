@@ -57,6 +57,16 @@ def param_stats(model: torch.nn.Module) -> list[dict[str, Any]]:
     return out
 
 
+def dtypes_by_role(model: torch.nn.Module) -> dict[str, set[torch.dtype]]:
+    """The dtypes of a (peft-wrapped) model's parameters: ``frozen`` (the base's weights), ``LoRA`` and
+    ``projector`` (peft's trained copy of it; the base's own copy counts as frozen)."""
+    out: dict[str, set[torch.dtype]] = {"frozen": set(), "LoRA": set(), "projector": set()}
+    for name, p in model.named_parameters():
+        role = "LoRA" if "lora_" in name else "projector" if ".modules_to_save." in name else "frozen"
+        out[role].add(p.dtype)
+    return out
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain aligned text table (numbers right-aligned, with thousands separators)."""
     def cell(v: Any) -> str:
@@ -104,6 +114,85 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+HALF = (torch.bfloat16, torch.float16)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU flags of native bf16 arithmetic: x86's AVX512-BF16 and AMX-BF16, Arm's BF16 extension.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_bf16_flags() -> list[str]:
+    """This CPU's native-bf16 flags (from /proc/cpuinfo; none where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in NATIVE_BF16_FLAGS if f in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(cpu_bf16_flags())
+
+
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype MODEL_DIR's weights were saved in, from its config.json (transformers 5 writes ``dtype``,
+    4.x ``torch_dtype``); float32 when it names none."""
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"{model_dir}/config.json names dtype {name!r}, which torch does not have")
+    return dtype
+
+
+def _no_native_bf16(device: str) -> str:
+    return (f"this CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag), so its bf16 matmuls are "
+            "emulated and slower")
+
+
+def train_precision(requested: str, device: str) -> tuple[str, str]:
+    """(precision, why) of a training run: ``requested`` unless it is ``auto``.
+
+    auto is bf16 where the hardware computes it (a GPU that supports it, a CPU with native bf16), fp32 on a
+    GPU without bf16, and bf16 on a CPU without it too: there the frozen weights still halve the memory (the
+    4 B model needs 8.5 GB instead of 17) at the price of emulated matmuls; --precision fp32 buys speed with memory.
+    """
+    if requested != "auto":
+        return requested, "asked for"
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU computes bf16"
+        return "fp32", "auto: this GPU has no bf16"
+    if cpu_has_native_bf16():
+        return "bf16", f"auto: this CPU computes bf16 natively ({', '.join(cpu_bf16_flags())})"
+    return "bf16", (f"auto: {_no_native_bf16(device)}, but frozen weights in bf16 take half the memory of fp32; "
+                    "--precision fp32 runs faster at twice the memory")
+
+
+def inference_dtype(requested: str, model_dir: str | Path, device: str) -> tuple[torch.dtype, str]:
+    """(dtype, why) the model is loaded and run in for eval, generate, demo and export: the checkpoint's own
+    dtype unless ``requested`` names another. One copy, never cast on the fly."""
+    if requested != "auto":
+        return resolve_dtype(requested), "asked for"
+    dtype = checkpoint_dtype(model_dir)
+    why = "auto: the checkpoint's own dtype"
+    if device == "cpu" and dtype == torch.bfloat16:
+        why += (f"; this CPU computes bf16 natively ({', '.join(cpu_bf16_flags())})" if cpu_has_native_bf16()
+                else f"; {_no_native_bf16(device)} (--dtype float32: faster, twice the memory)")
+    elif device == "cpu" and dtype == torch.float16:
+        why += "; float16 matmuls are slow on most CPUs (--dtype float32: faster, twice the memory)"
+    return dtype, why
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_dtype(name: str) -> torch.dtype | str:
     """A dtype name as torch's dtype; ``auto`` stays "auto" (the checkpoint's own dtype)."""
     if name == "auto":
@@ -116,11 +205,13 @@ def resolve_dtype(name: str) -> torch.dtype | str:
 
 
 def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
-               device: str | None = None):
+               device: str | None = None, quiet: bool = False):
     """(model, processor) for MODEL_DIR, with the adapter of RUN_DIR attached when given.
 
-    One model in memory serves base and fine-tuned answers: with an adapter, the base is the same
-    model under ``model.disable_adapter()``.
+    One copy of the weights, in the checkpoint's own dtype (``dtype`` names another), serves base and
+    fine-tuned answers: with an adapter, the base is the same model under ``model.disable_adapter()``. The
+    adapter's matrices load as peft loads them (float32: the few MB it saved, exactly), and frozen weights are
+    never cast on the fly. Prints one line saying which dtype runs and why, unless ``quiet``.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -129,11 +220,11 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
         raise UsageError(f"MODEL_DIR {model_dir} is not a model folder (no config.json); make one with "
                          "`llava-lora build`")
     device = device or default_device()
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype, why = inference_dtype(dtype, model_dir, device)
+    if not quiet:
+        print(f"precision {dtype_name(torch_dtype)} on {device} ({why})")
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
-    if device == "cpu" and dtype == "auto" and model.dtype in (torch.float16, torch.bfloat16):
-        model = model.float()  # half precision matmuls are slow or unsupported on many CPUs
     processor = AutoProcessor.from_pretrained(model_dir)
     if adapter is not None:
         from .adapters import attach_adapter

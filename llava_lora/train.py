@@ -41,7 +41,7 @@ from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
 from .fsutil import make_readable, move_into_place
-from .modeling import format_param_stats, param_stats, quiet_transformers
+from .modeling import PRECISION_DTYPES, format_param_stats, param_stats, quiet_transformers, train_precision
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
@@ -87,9 +87,10 @@ class TrainConfig:
     max_grad_norm: float = field(0.3, help="gradient clipping norm")
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        "auto", help="auto: bf16 where the GPU supports it, else fp32")
-    max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their text, never in "
-                                       "image tokens, or skipped")
+        "auto", help="compute and frozen-weight precision; auto: bf16 on a GPU that has it and on a CPU (native "
+                     "there with AVX512-BF16/AMX, else emulated but half the memory), else fp32")
+    max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their "
+                                                     "text, never in image tokens, or skipped")
     group_by_length: bool = field(True, help="batch samples of similar length together (less padding)")
     save_every: int = field(200, help="write checkpoint-N/ every this many steps")
     log_every: int = field(10, help="log metrics every this many steps")
@@ -429,11 +430,6 @@ class SupervisionWatch:
         raise RunFailed(f"nothing to learn: {what} carry no supervised token (skipped: {counts}); no adapter "
                         "was written. What to do:\n" + "\n".join(todo))
 
-def _precision(cfg: TrainConfig, device: str) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
 
 def _estimated_lengths(records, image_tokens: int) -> list[int]:
     """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
@@ -457,10 +453,9 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
     model_dir = Path(cfg.model)
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"--model {model_dir}: not a MODEL_DIR (no config.json); make one with `llava-lora build`")
-    # Frozen weights in half precision where the run is in half precision; fp32 elsewhere.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    if device == "cpu":
-        dtype = torch.float32  # CPU autocast handles bf16 compute; fp32 weights keep the CPU kernels fast
+    # Frozen weights in the run's precision on every device (bf16: 8.5 GB for the 4 B model, not 17), loaded
+    # so once and never cast per forward; main() keeps fp32 masters of what is trained.
+    dtype = PRECISION_DTYPES[precision]
     kwargs = {}
     if cfg.quantize == "4bit":  # quantised on loading, onto this process's GPU (a 4-bit model is not moved after)
         kwargs = {"quantization_config": _quantization_config(dtype), "device_map": {"": gpu_index}}
@@ -507,7 +502,7 @@ class Recipe:
 
         cfg = self.cfg
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.precision = _precision(cfg, self.device)
+        self.precision, self.precision_why = train_precision(cfg.precision, self.device)
         check_quantize(cfg.quantize, self.device)
         check_compile(cfg.compile, self.device)
         self.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, self.device, cfg.model)
@@ -644,6 +639,9 @@ class Recipe:
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         print(f"training {cfg.model} on {self.data_file} ({len(self.records)} records, {len(self.parse_errors)} "
               f"rejected) -> {self.run_dir}")
+        print(f"precision {self.precision} on {self.device} ({self.precision_why}): frozen weights in "
+              f"{str(PRECISION_DTYPES[self.precision]).removeprefix('torch.')}, trained ones (LoRA, projector) in "
+              "float32")
         print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
               f"fused loss {'on' if self.fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize "
               f"{cfg.quantize}; "

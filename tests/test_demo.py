@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
 from gradio_client import Client, handle_file  # noqa: E402  (after the importorskip)
@@ -27,6 +28,7 @@ from llava_lora.demo import (  # noqa: E402
 )
 from llava_lora.errors import UsageError  # noqa: E402
 from llava_lora.inference import GenerationSettings, answer  # noqa: E402
+from llava_lora.modeling import dtypes_by_role  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here trains or serves a model: `make test` runs them
 
@@ -102,6 +104,24 @@ def test_compare_sample_streams_both_answers(demo, test_split):
     # token by token: the page saw the base answer grow before it was complete
     partial = [out[0] for out in job.outputs() if 0 < len(out[0]) < len(base)]
     assert partial and all(base.startswith(p) for p in partial)
+
+
+def test_engine_holds_one_bf16_copy_and_runs_the_tower_once_per_comparison(demo, test_split):
+    _, engine = demo
+    assert dtypes_by_role(engine.model) == {"frozen": {torch.bfloat16}, "LoRA": {torch.float32},
+                                            "projector": {torch.bfloat16}}
+    records, root = test_split
+    image = open_image(resolve_image(root, records[0].image))
+    prompt = engine.prompt(prompts.prompt_and_reference(records[0])[0])
+    tower = engine.model.get_base_model().model.vision_tower.embeddings  # runs once per pass of the tower
+    calls = []
+    hook = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        *_, (base, tuned, status) = engine.compare(prompt, image, SETTINGS)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and status.startswith("Done")
+    assert (base, tuned) == expected(engine, prompts.prompt_and_reference(records[0])[0], image)
 
 
 def test_compare_upload(demo, tmp_path):

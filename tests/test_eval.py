@@ -10,13 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from _eval_fixtures import World, eval_world
 from llava_lora import cli, evaluate
 from llava_lora.data.records import load_records, resolve_data
 from llava_lora.inference import GenerationSettings
 from llava_lora.metrics import METRICS
-from llava_lora.modeling import load_model
+from llava_lora.modeling import dtypes_by_role, load_model
 
 pytestmark = pytest.mark.slow  # every test here trains or serves a model: `make test` runs them
 
@@ -128,6 +129,34 @@ def test_batched_and_one_by_one_greedy_answers_are_identical(tuned, mixed):
     multi = next(p for p, r in zip(batched, records) if len(r.turns) > 2)
     rec = next(r for r in records if r.id == multi.id)
     assert (multi.question, multi.reference) == (rec.turns[-2].text, rec.turns[-1].text)
+
+
+def test_one_copy_in_the_checkpoint_dtype(tuned):
+    """eval loads the bf16 MODEL_DIR once, in bf16 (no fp32 copy on a CPU); peft's LoRA matrices in float32."""
+    model, _ = tuned
+    assert dtypes_by_role(model) == {"frozen": {torch.bfloat16}, "LoRA": {torch.float32},
+                                     "projector": {torch.bfloat16}}
+
+
+def test_vision_tower_runs_once_per_batch_for_base_and_finetuned(tuned, mixed):
+    model, processor = tuned
+    records, root = mixed
+    with_images = [r for r in records if r.image][:4]
+    tower = model.get_base_model().model.vision_tower.embeddings  # runs once per pass of the tower
+    calls = []
+    hook = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        both, _ = evaluate.predict(model, processor, with_images, root, SETTINGS, 8, progress=False)
+        assert len(calls) == 1  # one batch: the tower ran once for both systems
+        calls.clear()
+        alone = {s: evaluate.predict(model, processor, with_images, root, SETTINGS, 8, (s,), progress=False)[0]
+                 for s in ("base", "finetuned")}
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+    assert "forward" not in vars(model.get_base_model().model.vision_tower)  # the cache is gone after the batch
+    for s in ("base", "finetuned"):  # the shared features change no answer
+        assert [p.answers[s] for p in both] == [p.answers[s] for p in alone[s]]
 
 
 def test_base_answers_equal_the_model_loaded_without_adapter(world, tuned, mixed):

@@ -42,7 +42,8 @@ def test_float32_export_answers_exactly_as_base_plus_adapter(world, tmp_path, ca
     out = tmp_path / "merged"
     assert run_cli("--model", world.model, "--adapter", world.run, "--out", out, "--dtype", "float32",
                    "--data", world.data, "--split", "test", "--check-samples", 4) == 0
-    assert "self-check: 4 of 4 greedy answers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "self-check: 4 of 4 greedy answers" in printed and "precision float32 on cpu (asked for)" in printed
     meta = json.loads((out / "export.json").read_text())
     assert meta["self_check"]["equal"] == meta["self_check"]["samples"] == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
@@ -53,7 +54,7 @@ def test_float32_export_answers_exactly_as_base_plus_adapter(world, tmp_path, ca
     file, root = resolve_data(world.data, "test")
     records = load_records(file)[0][8:20]  # other samples than the self-check's
     got, _ = evaluate.predict(merged, processor, records, root, SETTINGS, 4, ("base",), progress=False)
-    tuned, tuned_processor = load_model(world.model, world.run, device="cpu")
+    tuned, tuned_processor = load_model(world.model, world.run, dtype="float32", device="cpu")
     want, _ = evaluate.predict(tuned, tuned_processor, records, root, SETTINGS, 4, ("finetuned",), progress=False)
     assert [p.answers["base"] for p in got] == [p.answers["finetuned"] for p in want]
 
@@ -119,3 +120,65 @@ def test_adapter_for_another_base_is_refused(world, tmp_path, capsys):
 def test_missing_adapter_is_refused(world, tmp_path, capsys):
     assert run_cli("--model", world.model, "--adapter", tmp_path, "--out", tmp_path / "merged") == 2
     assert "no adapter found" in capsys.readouterr().err
+
+
+def test_export_loads_one_copy_in_the_base_dtype_and_merges_it_exactly(world, tmp_path, monkeypatch, capsys):
+    """The bf16 base is loaded once in bf16 (the LoRA matrices in float32, as saved), merged in place, and each
+    merged weight is bf16(W + scale * B @ A) summed in float32: base + adapter to bf16 precision."""
+    seen = {}
+    real_merge = export.merge_in_place
+
+    def spy(model):
+        seen["params"] = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+        seen["tensors"] = {id(p) for p in model.get_base_model().parameters()}
+        merged = real_merge(model)
+        seen["same_tensors"] = {id(p) for p in merged.parameters()} <= seen["tensors"]
+        return merged
+
+    monkeypatch.setattr(export, "merge_in_place", spy)
+    out = tmp_path / "merged"
+    assert run_cli("--model", world.model, "--adapter", world.run, "--out", out, "--check-samples", 1) == 0
+    printed = capsys.readouterr().out
+    assert "precision bfloat16 on cpu (auto: the checkpoint's own dtype" in printed
+    assert "next-token logits of the merged model differ from base + adapter by at most" in printed
+    params = seen["params"]
+    lora = {n: d for n, (d, _) in params.items() if "lora_" in n}
+    projector = {n: d for n, (d, _) in params.items() if "modules_to_save" in n}
+    frozen = {n: d for n, (d, _) in params.items() if n not in lora and n not in projector}
+    assert lora and projector and frozen
+    assert set(frozen.values()) == {torch.bfloat16}, "frozen weights must stay in the checkpoint's bf16"
+    # peft loads LoRA matrices in float32 (as saved) and the trained projector into a copy of the base's, in bf16
+    assert set(lora.values()) == {torch.float32} and set(projector.values()) == {torch.bfloat16}
+    assert not any(trainable for _, trainable in params.values())  # loaded for inference
+    assert seen["same_tensors"], "the merge must fold into the loaded tensors, not a copy"
+
+    base = load_file(world.model / "model.safetensors")
+    adapter = load_file(world.run / "adapter_model.safetensors")
+    written = load_file(out / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    cfg = json.loads((world.run / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    merged_layers = 0
+    for key, a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        module = key.split("base_model.model.model.language_model.")[1].split(".lora_A.")[0]
+        wkey = next(k for k in base if k.endswith(f"{module}.weight") and "language_model" in k)
+        want = (base[wkey].float() + scale * (b.float() @ a.float())).to(torch.bfloat16)
+        assert torch.equal(written[wkey], want), wkey
+        assert not torch.equal(written[wkey], base[wkey]), f"{wkey}: the adapter changed nothing"
+        merged_layers += 1
+    assert merged_layers == 7 * 2  # every linear layer of both decoder layers (the fixture's targets)
+
+
+def test_self_check_refuses_logits_that_moved_more_than_rounding(capsys):
+    records = [Record("r0", None, (Turn("user", "q"), Turn("assistant", "a")))]
+    logits = torch.tensor([[10.0, -3.0, 2.0]])
+    near = export.Probe(logits + torch.tensor([[0.05, 0.0, 0.0]]), ["red"])  # 0.5% of the scale: bf16 rounding
+    result = export.self_check(export.Probe(logits, ["red"]), near, records, "bfloat16")
+    assert abs(result["logit_drift"] - 0.005) < 1e-6
+    with pytest.raises(RuntimeError, match="logits moved"):
+        export.self_check(export.Probe(logits, ["red"]), export.Probe(logits * 1.2, ["red"]), records, "bfloat16")
+    with pytest.raises(RuntimeError, match="logits moved"):
+        export.self_check(export.Probe(logits, ["red"]), near, records, "float32")

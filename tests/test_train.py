@@ -3,6 +3,8 @@ refusals, resume after a kill, and a 2-process gloo run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -23,6 +25,7 @@ from data_fixtures import write_bad_dataset, write_good_dataset
 from llava_lora import cli, prompts, train
 from llava_lora.adapters import apply_lora, wrapped_modules
 from llava_lora.data.records import BadRecord, Record, Turn, load_records
+from llava_lora.modeling import dtypes_by_role
 
 IMAGE_TOKENS = (32 // 8) ** 2
 VENV_BIN = Path(sys.executable).parent
@@ -195,10 +198,14 @@ def run(world: Models, data: Path, tmp_path_factory) -> _Run:
     cfg = train.TrainConfig(model=str(world.qwen_model), data=str(data), out=str(out.dir), max_steps=40,
                             batch_size=4, learning_rate=5e-3, save_every=20, log_every=5, num_workers=0,
                             gradient_checkpointing=False, tensorboard=True, lora_dropout=0.0)
-    with pytest.MonkeyPatch.context() as mp:
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed), \
+            contextlib.redirect_stderr(io.StringIO()):
         mp.setattr(train, "apply_lora", capture)
-        assert quiet(train.main, cfg) == 0
+        assert train.main(cfg) == 0
+    out.printed = printed.getvalue()
     out.after = {n: p.detach().clone() for n, p in out.peft_model.named_parameters()}
+    out.dtypes = dtypes_by_role(out.peft_model)  # as the run trained it
     del out.peft_model
     return out
 
@@ -215,6 +222,62 @@ def test_run_changes_trainable_only(run: _Run):
     frozen = set(run.before) - run.trainable
     assert any("vision_tower" in n for n in frozen) and any("lm_head" in n for n in frozen)
     assert any("language_model" in n and "base_layer" in n for n in frozen)
+
+
+@pytest.mark.slow
+def test_run_keeps_frozen_weights_in_bf16_and_trains_fp32_masters(run: _Run):
+    """precision auto on a CPU is bf16: the frozen weights stay in the checkpoint's bf16 (no fp32 copy of the
+    model), and what is trained (LoRA, the projector) has fp32 masters."""
+    assert run.dtypes == {"frozen": {torch.bfloat16}, "LoRA": {torch.float32}, "projector": {torch.float32}}
+    line = next(l for l in run.printed.splitlines() if l.startswith("precision "))
+    assert line.startswith("precision bf16 on cpu (auto: this CPU ")
+    assert "frozen weights in bfloat16, trained ones (LoRA, projector) in float32" in line
+
+
+def test_precision_auto_says_which_and_why(monkeypatch):
+    from llava_lora import modeling
+
+    monkeypatch.setattr(modeling, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    assert modeling.train_precision("auto", "cpu") == ("bf16", "auto: this CPU computes bf16 natively (avx512_bf16)")
+    monkeypatch.setattr(modeling, "cpu_bf16_flags", lambda: [])
+    precision, why = modeling.train_precision("auto", "cpu")
+    assert precision == "bf16" and "no native bf16" in why and "emulated" in why and "--precision fp32" in why
+    assert modeling.train_precision("fp32", "cpu") == ("fp32", "asked for")
+
+
+def test_bf16_loss_within_one_percent_of_fp32(world: Models, data: Path):
+    """The bf16 path (bf16 frozen weights, fp32 LoRA and projector, CPU autocast) against fp32 throughout, on the
+    same batch and the same initial LoRA weights."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_lora.data.dataset import Collator, TrainDataset
+    from llava_lora.data.records import resolve_data
+
+    processor = AutoProcessor.from_pretrained(world.qwen_model)
+    data_file, root = resolve_data(str(data), None, None)
+    records, _ = load_records(data_file)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration.from_pretrained(world.qwen_model, dtype=dtype)
+        peft_model = apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # as train.main: fp32 masters
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)  # make the LoRA path matter (B starts at zero)
+        ds = TrainDataset(records, root, processor, model.config.image_token_id, IMAGE_TOKENS, 2048)
+        batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss_sum, count = train.LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"],
+                                                          batch["labels"], batch["pixel_values"])
+        loss = loss_sum / count
+        loss.backward()  # the bf16 path trains: gradients reach the fp32 masters
+        assert all(p.grad is not None and p.grad.dtype == torch.float32
+                   for p in peft_model.parameters() if p.requires_grad)
+        losses[dtype] = float(loss.detach())
+    assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 0.01 * losses[torch.float32], losses
 
 
 @pytest.mark.slow
