@@ -346,12 +346,12 @@ def test_a_processor_refusal_is_the_records_skip_in_training(corpus):
 def test_a_batch_that_fails_in_eval_is_asked_sample_by_sample(corpus, monkeypatch):
     records = [r for r in load_records(corpus.data)[0] if r.id in ("one_px", "cmyk", "webp", "text_only")]
 
-    def fake_answer(model, processor, texts, imgs, settings, adapter=True):
+    def fake_answer_each(model, processor, texts, imgs, settings, adapters):
         if any(im is not None and im.size == (1, 1) for im in imgs):
             raise ValueError("cannot infer the channel dimension of a 1x1 image")
-        return ["red"] * len(texts)
+        return [["red"] * len(texts) for _ in adapters]
 
-    monkeypatch.setattr(evaluate, "answer", fake_answer)
+    monkeypatch.setattr(evaluate, "answer_each", fake_answer_each)
     monkeypatch.setattr(evaluate.prompts, "generation_prompt", lambda tok, msgs: str(msgs))
     proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()
     predictions, skipped = evaluate.predict(None, proc, records, corpus.root, None, batch_size=4, progress=False)
