@@ -2,6 +2,7 @@
 
     scripts/make_llamacpp_venv.sh                     # once: llama.cpp's own venv, ~15 min on 2 cores
     .venv/bin/python benchmarks/serve_llamacpp.py     # ~3 min on 2 CPU cores (the first run trains a tiny model)
+    .venv/bin/python benchmarks/serve_llamacpp.py --gguf-type q8_0     # the language model quantised
 
 Builds, trains and exports a tiny model (benchmarks/serve_common.py; GGUF language model in f16, mmproj f16),
 then for N square and N wide (64 x 40) images compares, with transformers run in float32 on MERGED_DIR:
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep the model here (default: a temporary folder)")
     ap.add_argument("--samples", type=int, default=3, help="images of each shape")
     ap.add_argument("--tokens", type=int, default=8, help="greedy tokens per answer")
+    ap.add_argument("--gguf-type", default="f16", choices=["f16", "bf16", "q8_0"], help="of the language model")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -155,11 +157,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-llamacpp-") as tmp_name:
         tmp = Path(tmp_name)
         work = prepare(args.work or tmp / "work")
+        lm = work.merged / "model-f16.gguf"
+        if args.gguf_type != "f16":  # the same MERGED_DIR, its language model written in another type
+            from llava_lora import gguf_export
+
+            lm = tmp / gguf_export.lm_file(args.gguf_type)
+            gguf_export.write_lm(work.merged, lm, args.gguf_type)
         rows = []
         for shape in ("square", "wide"):
             batch = samples(work, args.samples, tmp / "images", shape)
             want = hf_side(work.merged, batch, args.tokens)
-            job = {"model": str(work.merged / "model-f16.gguf"), "mmproj": str(work.merged / "mmproj-f16.gguf"),
+            job = {"model": str(lm), "mmproj": str(work.merged / "mmproj-f16.gguf"),
                    "tokens": args.tokens, "samples": [{"id": s.id, "prompt": s.prompt.replace("<image>", MARKER),
                                                        "image": str(s.image)} for s in batch]}
             for variant in ("stock", "fixed"):
@@ -169,7 +177,7 @@ def main() -> None:
                 rows.append((variant, shape, prompt_equal, diff,
                              agreement([w["generated"] for w in want], [g["generated"] for g in got])))
         print(f"llama.cpp (llama-cpp-python 0.3.36 sources) vs transformers float32: {args.samples} images per "
-              f"shape, {args.tokens} greedy tokens, GGUF f16 language model + f16 mmproj")
+              f"shape, {args.tokens} greedy tokens, GGUF {args.gguf_type} language model + f16 mmproj")
         for variant, shape, prompt_equal, diff, agree in rows:
             print(f"  {variant:5s} {shape:6s}  prompt tokens equal {prompt_equal}/{args.samples}  "
                   f"image features max|diff| {diff:.2e}  {agree}")
