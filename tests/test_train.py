@@ -476,7 +476,7 @@ def _torchrun(model: Path, data: Path, out: Path, *extra: str) -> subprocess.Com
     return subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
                            "-m", "llava_lora", *_train_args(model, data, out, "--max-steps", "4",
                                                              "--batch-size", "2", "--save-every", "2", *extra)],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.mark.slow
