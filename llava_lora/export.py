@@ -33,7 +33,7 @@ from .config import field
 from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
 from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
-from .inference import GenerationSettings, generate, prepare_inputs
+from .inference import GenerationSettings, prepare_inputs
 
 EXPORT_FILE = "export.json"
 HALF = ("bfloat16", "float16")

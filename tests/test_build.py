@@ -11,13 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _model_fixtures import Models, model_world
+from _model_fixtures import Models
 from llava_lora import cli, tiny
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Models:
-    return model_world(tmp_path_factory)
 
 
 def _load_composed(model_dir: Path):

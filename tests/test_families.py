@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _model_fixtures import FAST, Models, good_data, model_world, quiet
+from _model_fixtures import FAST, good_data, model_world, quiet
 from llava_lora import build, cli, prompts, templates
 from llava_lora.data.records import Record, Turn
 from llava_lora.tiny_families import FAMILIES, tiny_family

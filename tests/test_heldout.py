@@ -11,22 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from _model_fixtures import FAST, Models, good_data, model_world
+from _model_fixtures import FAST, Models
 from data_fixtures import write_good_dataset
 from llava_lora import cli, train
 from llava_lora.adapters import RUN_FILE
 from llava_lora.data.records import Record, Turn
 from llava_lora.heldout import split_off
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Models:
-    return model_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return good_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _model_fixtures import Models, good_data, model_world, quiet
+from _model_fixtures import Models, quiet
 from llava_lora import cli, train
 from llava_lora.errors import UsageError
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Models:
-    return model_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return good_data(tmp_path_factory)
 
 
 def _packages(monkeypatch, *installed: str) -> None:

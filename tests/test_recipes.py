@@ -13,21 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _model_fixtures import FAST, Models, good_data, model_world
+from _model_fixtures import FAST, Models
 from llava_lora import cli
 from llava_lora.adapters import PROJECTOR, apply_lora, init_from, resolve_targets, wrapped_modules
 from llava_lora.config import recipe_names
 from llava_lora.errors import UsageError
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Models:
-    return model_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return good_data(tmp_path_factory)
 
 
 def _model(model_dir: Path):

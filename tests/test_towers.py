@@ -11,19 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _model_fixtures import FAST, Models, good_data, model_world, quiet
+from _model_fixtures import FAST, Models, quiet
 from llava_lora import build, cli, tiny, train
 from llava_lora.adapters import apply_lora
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Models:
-    return model_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return good_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

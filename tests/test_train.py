@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from _model_fixtures import FAST, Models, good_data, model_world, quiet
+from _model_fixtures import FAST, Models, quiet
 from data_fixtures import write_bad_dataset, write_good_dataset
 from llava_lora import cli, prompts, train
 from llava_lora.adapters import apply_lora, wrapped_modules
@@ -29,16 +29,6 @@ from llava_lora.modeling import dtypes_by_role
 
 IMAGE_TOKENS = (32 // 8) ** 2
 VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Models:
-    return model_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return good_data(tmp_path_factory)
 
 
 def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

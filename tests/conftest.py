@@ -1,0 +1,23 @@
+"""Fixtures shared by the test modules: the tiny composed models and a small learnable data set, built once per
+session (``_model_fixtures`` caches them). A module may define its own ``world`` (eval's and export's hold a
+trained run as well): pytest then uses the module's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from _model_fixtures import Models, good_data, model_world
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Models:
+    """.qwen2 .llama .clip (sources) and .qwen_model .llama_model (MODEL_DIRs)."""
+    return model_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """24 usable records (chat.json + images_dl/), every fourth text-only."""
+    return good_data(tmp_path_factory)
