@@ -23,9 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +32,7 @@ from .config import field
 from .data.images import open_image, resolve_image
 from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
-from .inference import GenerationSettings, adapter_switch, prepare_inputs, vision_once
+from .inference import GenerationSettings, SideBySideEngine
 from .metrics import exact_match_normalised
 from .modeling import format_param_stats, load_model, param_stats
 
@@ -91,96 +88,6 @@ class DemoConfig:
 
 class RequestError(ValueError):
     """A request the page refuses; the message is shown to the user."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The model: streamed, serialised generation with the adapter on or off
-# ---------------------------------------------------------------------------------------------------------
-
-
-class _StopOn:
-    """A stopping criterion that ends generation when ``event`` is set (the request went away)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class Engine:
-    """One loaded model answering with its adapter on (fine-tuned) or off (base), one generation at a time."""
-
-    def __init__(self, model, processor, has_adapter: bool):
-        self.model = model
-        self.processor = processor
-        self.has_adapter = has_adapter
-        # The adapter switch is model-wide: a second generate must not run while the first has it toggled.
-        self.lock = threading.Lock()
-
-    def prompt(self, msgs: list[dict]) -> str:
-        return prompts.generation_prompt(self.processor.tokenizer, msgs)
-
-    def _inputs(self, prompt: str, image: Image.Image | None):
-        return prepare_inputs(self.model, self.processor, [prompt], [image])
-
-    def stream(self, prompt: str, image: Image.Image | None, settings: GenerationSettings,
-               adapter: bool, inputs=None) -> Iterator[str]:
-        """The answer so far, after each new piece of text (``inputs``: already prepared for this prompt)."""
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        tokenizer = self.processor.tokenizer
-        inputs = self._inputs(prompt, image) if inputs is None else inputs
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            # The lock and the adapter switch live in the generating thread: the adapter is off exactly
-            # while this generate runs, whatever happens to the request that started it.
-            try:
-                with self.lock, torch.inference_mode(), adapter_switch(self.model, adapter):
-                    self.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
-                                        pad_token_id=tokenizer.pad_token_id)
-            except BaseException as e:  # handed to the request thread, which shows it
-                failure.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=run, name="demo-generate", daemon=True)
-        thread.start()
-        text = ""
-        try:
-            for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text.strip()
-        finally:
-            stop.set()  # a closed page stops its generation at the next token
-            thread.join()
-        if failure:
-            raise failure[0]
-
-    def compare(self, prompt: str, image: Image.Image | None,
-                settings: GenerationSettings) -> Iterator[tuple[str, str, str]]:
-        """(base answer, fine-tuned answer, status) as both stream in, base first."""
-        t0 = time.perf_counter()
-        base = tuned = ""
-        yield base, tuned, "Generating the base answer…"
-        # One preprocessing and one pass of the frozen vision tower serve both answers. Holding the tower's cache
-        # across the two generations is safe: both generating events share one concurrency group of size 1.
-        inputs = self._inputs(prompt, image)
-        with vision_once(self.model):
-            for base in self.stream(prompt, image, settings, adapter=False, inputs=inputs):
-                yield base, tuned, "Generating the base answer…"
-            if self.has_adapter:
-                yield base, tuned, "Generating the fine-tuned answer…"
-                for tuned in self.stream(prompt, image, settings, adapter=True, inputs=inputs):
-                    yield base, tuned, "Generating the fine-tuned answer…"
-        yield base, tuned, f"Done in {time.perf_counter() - t0:.1f} s."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,7 +202,7 @@ def _adapter_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or ".modules_to_save." in n)
 
 
-def header_markdown(cfg: DemoConfig, engine: Engine) -> str:
+def header_markdown(cfg: DemoConfig, engine: SideBySideEngine) -> str:
     rows = param_stats(engine.model)
     total = rows[-1]["total"]
     if engine.has_adapter:
@@ -323,14 +230,30 @@ def _gradio():
     return gradio
 
 
-def build_app(cfg: DemoConfig, engine: Engine, samples: Samples | None) -> gr.Blocks:
-    """The page; ``serve`` launches it (tests launch it the same way)."""
-    gr = _gradio()
-    tuned_label = "Fine-tuned (adapter on)"
-    base_label = "Base (adapter off)" if engine.has_adapter else "Base model"
+def _labels(engine: SideBySideEngine) -> tuple[str, str]:
+    """(base answer's label, fine-tuned answer's label)."""
+    return ("Base (adapter off)" if engine.has_adapter else "Base model"), "Fine-tuned (adapter on)"
 
-    def settings_of(ui: tuple) -> GenerationSettings:
-        return ui_settings(*ui, cap=cfg.max_new_tokens_cap)
+
+def _settings_panel(gr, cfg: DemoConfig) -> list:
+    """The generation settings both tabs share, as the list of their components."""
+    with gr.Accordion("Generation settings (both tabs)", open=False, elem_id="settings"):
+        with gr.Row():
+            max_new = gr.Slider(1, cfg.max_new_tokens_cap, value=cfg.max_new_tokens, step=1,
+                                label="Max new tokens", elem_id="max-new-tokens")
+            greedy = gr.Checkbox(True, label="Greedy decoding", info="off: sample with temperature, top-p "
+                                 "and top-k", elem_id="greedy")
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
+        with gr.Row():
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)")
+            penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+    return [max_new, greedy, temperature, top_p, top_k, penalty]
+
+
+def _data_tab(gr, app, cfg: DemoConfig, engine: SideBySideEngine, samples: Samples | None, ui: list) -> None:
+    """Tab 1: a data-set sample by index, answered by both models and checked against its reference."""
+    base_label, tuned_label = _labels(engine)
 
     def show_sample(index: float):
         try:
@@ -348,9 +271,9 @@ def build_app(cfg: DemoConfig, engine: Engine, samples: Samples | None) -> gr.Bl
         i = int(index) if isinstance(index, (int, float)) else 0
         return random.randrange(len(samples)) if delta == 0 else (i + delta) % len(samples)
 
-    def compare_sample(index: float, *ui):
+    def compare_sample(index: float, *settings_ui):
         try:
-            settings = settings_of(ui)
+            settings = ui_settings(*settings_ui, cap=cfg.max_new_tokens_cap)
             record = samples.get(index)
             image = samples.image(record)
             msgs, reference = prompts.prompt_and_reference(record)
@@ -365,9 +288,62 @@ def build_app(cfg: DemoConfig, engine: Engine, samples: Samples | None) -> gr.Bl
             log.exception("compare_sample failed")
             raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
 
-    def compare_upload(image_path: str | None, question: str, *ui):
+    with gr.Tab("Data set", id="data", elem_id="tab-data"):
+        if samples is None:
+            gr.Markdown("No data set loaded. Start the demo with one to browse its samples:\n\n"
+                        "```\nllava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA "
+                        "[--split test]\n```\n\nDATA is a LLaVA-format JSON/JSONL file or a folder "
+                        "holding `chat.json`.", elem_id="no-data")
+            return
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=240):
+                sample_image = gr.Image(label="Image", type="pil", format="png", interactive=False,
+                                        height=300, elem_id="sample-image")
+            with gr.Column(scale=3):
+                with gr.Row(equal_height=True):
+                    index = gr.Number(0, label=f"Sample index (0..{len(samples) - 1})", precision=0,
+                                      minimum=0, maximum=len(samples) - 1, scale=2, min_width=140,
+                                      elem_id="sample-index")
+                    prev_btn = gr.Button("◀ Prev", scale=1, min_width=80, elem_id="prev")
+                    next_btn = gr.Button("Next ▶", scale=1, min_width=80, elem_id="next")
+                    random_btn = gr.Button("Random", scale=1, min_width=80, elem_id="random")
+                sample_info = gr.Markdown(elem_id="sample-info")
+                sample_question = gr.Textbox(label="Question", interactive=False, lines=2,
+                                             elem_id="sample-question")
+                sample_reference = gr.Textbox(label="Reference answer", interactive=False,
+                                              elem_id="sample-reference")
+                compare_btn = gr.Button("Compare base and fine-tuned" if engine.has_adapter
+                                        else "Answer", variant="primary", elem_id="compare-sample")
+        with gr.Row():
+            with gr.Column():
+                s_base = gr.Textbox(label=base_label, interactive=False, lines=3,
+                                    elem_id="sample-base", elem_classes="answer")
+                s_base_match = gr.HTML(elem_id="sample-base-match", elem_classes="match")
+            with gr.Column(visible=engine.has_adapter):
+                s_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3,
+                                     elem_id="sample-tuned", elem_classes="answer")
+                s_tuned_match = gr.HTML(elem_id="sample-tuned-match", elem_classes="match")
+        s_status = gr.Markdown(elem_id="sample-status", elem_classes="status")
+        answers = [s_base, s_base_match, s_tuned, s_tuned_match, s_status]
+        sample_outputs = [sample_image, sample_question, sample_reference, sample_info]
+
+        shown = index.change(show_sample, [index], sample_outputs, api_name=API_SHOW_SAMPLE,
+                             concurrency_limit=4)
+        shown.then(lambda: ("", "", "", "", ""), None, answers, api_visibility="private")
+        app.load(show_sample, [index], sample_outputs, api_visibility="private")
+        for btn, delta in ((prev_btn, -1), (next_btn, 1), (random_btn, 0)):
+            btn.click(lambda i, d=delta: step(i, d), [index], [index], api_visibility="private")
+        compare_btn.click(compare_sample, [index, *ui], answers, api_name=API_COMPARE_SAMPLE,
+                          concurrency_limit=1, concurrency_id=MODEL_GROUP)
+
+
+def _upload_tab(gr, cfg: DemoConfig, engine: SideBySideEngine, ui: list) -> None:
+    """Tab 2: an uploaded image and a typed question, answered by both models."""
+    base_label, tuned_label = _labels(engine)
+
+    def compare_upload(image_path: str | None, question: str, *settings_ui):
         try:
-            settings = settings_of(ui)
+            settings = ui_settings(*settings_ui, cap=cfg.max_new_tokens_cap)
             question = (question or "").strip()
             if not question:
                 raise RequestError("type a question first")
@@ -384,94 +360,42 @@ def build_app(cfg: DemoConfig, engine: Engine, samples: Samples | None) -> gr.Bl
             log.exception("compare_upload failed")
             raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
 
+    with gr.Tab("Your own image", id="upload", elem_id="tab-upload"):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=240):
+                upload = gr.Image(label="Image", type="filepath", image_mode=None,
+                                  sources=["upload", "clipboard"], height=300, elem_id="upload-image")
+            with gr.Column(scale=3):
+                question = gr.Textbox(label="Question", placeholder="What is in the image?", lines=2,
+                                      max_length=cfg.max_question_chars, elem_id="upload-question")
+                gr.Markdown(f"Images up to {cfg.max_upload_mb:g} MB and "
+                            f"{cfg.max_upload_pixels / 1e6:g} megapixels.", elem_classes="status")
+                ask_btn = gr.Button("Ask both models" if engine.has_adapter else "Ask",
+                                    variant="primary", elem_id="compare-upload")
+        with gr.Row():
+            u_base = gr.Textbox(label=base_label, interactive=False, lines=3, elem_id="upload-base",
+                                elem_classes="answer")
+            u_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3, visible=engine.has_adapter,
+                                 elem_id="upload-tuned", elem_classes="answer")
+        u_status = gr.Markdown(elem_id="upload-status", elem_classes="status")
+        ask = dict(fn=compare_upload, inputs=[upload, question, *ui], outputs=[u_base, u_tuned, u_status],
+                   concurrency_limit=1, concurrency_id=MODEL_GROUP)
+        ask_btn.click(**ask, api_name=API_COMPARE_UPLOAD)
+        question.submit(**ask, api_visibility="private")
+
+
+def build_app(cfg: DemoConfig, engine: SideBySideEngine, samples: Samples | None) -> gr.Blocks:
+    """The page: header, parameter counts, shared generation settings, and the two tabs; ``serve`` launches it
+    (tests launch it the same way)."""
+    gr = _gradio()
     with gr.Blocks(title="LLaVA-LoRA demo", analytics_enabled=False) as app:
         gr.Markdown(header_markdown(cfg, engine), elem_id="header")
         with gr.Accordion("Parameter statistics", open=False):
             gr.Markdown(f"```\n{format_param_stats(param_stats(engine.model))}\n```", elem_id="param-stats")
-        with gr.Accordion("Generation settings (both tabs)", open=False, elem_id="settings"):
-            with gr.Row():
-                max_new = gr.Slider(1, cfg.max_new_tokens_cap, value=cfg.max_new_tokens, step=1,
-                                    label="Max new tokens", elem_id="max-new-tokens")
-                greedy = gr.Checkbox(True, label="Greedy decoding", info="off: sample with temperature, top-p "
-                                     "and top-k", elem_id="greedy")
-                temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
-            with gr.Row():
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)")
-                penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
-        ui = [max_new, greedy, temperature, top_p, top_k, penalty]
-
+        ui = _settings_panel(gr, cfg)
         with gr.Tabs():
-            with gr.Tab("Data set", id="data", elem_id="tab-data"):
-                if samples is None:
-                    gr.Markdown("No data set loaded. Start the demo with one to browse its samples:\n\n"
-                                "```\nllava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA "
-                                "[--split test]\n```\n\nDATA is a LLaVA-format JSON/JSONL file or a folder "
-                                "holding `chat.json`.", elem_id="no-data")
-                else:
-                    with gr.Row(equal_height=False):
-                        with gr.Column(scale=2, min_width=240):
-                            sample_image = gr.Image(label="Image", type="pil", format="png", interactive=False,
-                                                    height=300, elem_id="sample-image")
-                        with gr.Column(scale=3):
-                            with gr.Row(equal_height=True):
-                                index = gr.Number(0, label=f"Sample index (0..{len(samples) - 1})", precision=0,
-                                                  minimum=0, maximum=len(samples) - 1, scale=2, min_width=140,
-                                                  elem_id="sample-index")
-                                prev_btn = gr.Button("◀ Prev", scale=1, min_width=80, elem_id="prev")
-                                next_btn = gr.Button("Next ▶", scale=1, min_width=80, elem_id="next")
-                                random_btn = gr.Button("Random", scale=1, min_width=80, elem_id="random")
-                            sample_info = gr.Markdown(elem_id="sample-info")
-                            sample_question = gr.Textbox(label="Question", interactive=False, lines=2,
-                                                         elem_id="sample-question")
-                            sample_reference = gr.Textbox(label="Reference answer", interactive=False,
-                                                          elem_id="sample-reference")
-                            compare_btn = gr.Button("Compare base and fine-tuned" if engine.has_adapter
-                                                    else "Answer", variant="primary", elem_id="compare-sample")
-                    with gr.Row():
-                        with gr.Column():
-                            s_base = gr.Textbox(label=base_label, interactive=False, lines=3,
-                                                elem_id="sample-base", elem_classes="answer")
-                            s_base_match = gr.HTML(elem_id="sample-base-match", elem_classes="match")
-                        with gr.Column(visible=engine.has_adapter):
-                            s_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3,
-                                                 elem_id="sample-tuned", elem_classes="answer")
-                            s_tuned_match = gr.HTML(elem_id="sample-tuned-match", elem_classes="match")
-                    s_status = gr.Markdown(elem_id="sample-status", elem_classes="status")
-                    answers = [s_base, s_base_match, s_tuned, s_tuned_match, s_status]
-                    sample_outputs = [sample_image, sample_question, sample_reference, sample_info]
-
-                    shown = index.change(show_sample, [index], sample_outputs, api_name=API_SHOW_SAMPLE,
-                                         concurrency_limit=4)
-                    shown.then(lambda: ("", "", "", "", ""), None, answers, api_visibility="private")
-                    app.load(show_sample, [index], sample_outputs, api_visibility="private")
-                    for btn, delta in ((prev_btn, -1), (next_btn, 1), (random_btn, 0)):
-                        btn.click(lambda i, d=delta: step(i, d), [index], [index], api_visibility="private")
-                    compare_btn.click(compare_sample, [index, *ui], answers, api_name=API_COMPARE_SAMPLE,
-                                      concurrency_limit=1, concurrency_id=MODEL_GROUP)
-
-            with gr.Tab("Your own image", id="upload", elem_id="tab-upload"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=2, min_width=240):
-                        upload = gr.Image(label="Image", type="filepath", image_mode=None,
-                                          sources=["upload", "clipboard"], height=300, elem_id="upload-image")
-                    with gr.Column(scale=3):
-                        question = gr.Textbox(label="Question", placeholder="What is in the image?", lines=2,
-                                              max_length=cfg.max_question_chars, elem_id="upload-question")
-                        gr.Markdown(f"Images up to {cfg.max_upload_mb:g} MB and "
-                                    f"{cfg.max_upload_pixels / 1e6:g} megapixels.", elem_classes="status")
-                        ask_btn = gr.Button("Ask both models" if engine.has_adapter else "Ask",
-                                            variant="primary", elem_id="compare-upload")
-                with gr.Row():
-                    u_base = gr.Textbox(label=base_label, interactive=False, lines=3, elem_id="upload-base",
-                                        elem_classes="answer")
-                    u_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3, visible=engine.has_adapter,
-                                         elem_id="upload-tuned", elem_classes="answer")
-                u_status = gr.Markdown(elem_id="upload-status", elem_classes="status")
-                ask = dict(fn=compare_upload, inputs=[upload, question, *ui], outputs=[u_base, u_tuned, u_status],
-                           concurrency_limit=1, concurrency_id=MODEL_GROUP)
-                ask_btn.click(**ask, api_name=API_COMPARE_UPLOAD)
-                question.submit(**ask, api_visibility="private")
+            _data_tab(gr, app, cfg, engine, samples, ui)
+            _upload_tab(gr, cfg, engine, ui)
     app.queue(max_size=cfg.queue_size)
     return app
 
@@ -489,11 +413,11 @@ def serve(app: gr.Blocks, cfg: DemoConfig, block: bool = True) -> str:
     return url
 
 
-def load(cfg: DemoConfig) -> tuple[Engine, Samples | None]:
+def load(cfg: DemoConfig) -> tuple[SideBySideEngine, Samples | None]:
     """The model (with its adapter) and the data set of ``cfg``; data is checked first, as it loads faster."""
     samples = load_samples(cfg)
     model, processor = load_model(cfg.model, cfg.adapter, cfg.dtype, cfg.device)
-    return Engine(model, processor, has_adapter=cfg.adapter is not None), samples
+    return SideBySideEngine(model, processor, has_adapter=cfg.adapter is not None), samples
 
 
 def main(cfg: DemoConfig) -> int:

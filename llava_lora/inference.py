@@ -1,15 +1,21 @@
-"""Answer prompts about images with a loaded model: batched, left-padded, KV-cached generation."""
+"""The inference engine: one loaded model (MODEL_DIR [+ adapter]) answering prompts about images, for eval,
+generate, export's self-check, held-out samples in training and the demo. Batched, left-padded, KV-cached
+generation with the adapter on or off (``answer``, ``answer_each``: the vision tower runs once for both), and the
+demo's streamed, one-at-a-time generation (``SideBySideEngine``)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from . import prompts
 from .config import field
 
 
@@ -114,3 +120,93 @@ def answer_each(model, processor, prompts: list[str], images: list[Image.Image |
     inputs = prepare_inputs(model, processor, prompts, images)
     with vision_once(model):
         return [generate(model, processor, inputs, settings, adapter=a) for a in adapters]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming, serialised generation with the adapter on or off (the demo)
+# ---------------------------------------------------------------------------------------------------------
+
+class _StopOn:
+    """A stopping criterion that ends generation when ``event`` is set (the request went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class SideBySideEngine:
+    """One loaded model answering with its adapter on (fine-tuned) or off (base), streamed, one generation at a
+    time: what the demo page shows. Prompts come from ``prompts.generation_prompt``, as in eval and generate."""
+
+    def __init__(self, model, processor, has_adapter: bool):
+        self.model = model
+        self.processor = processor
+        self.has_adapter = has_adapter
+        # The adapter switch is model-wide: a second generate must not run while the first has it toggled.
+        self.lock = threading.Lock()
+
+    def prompt(self, msgs: list[dict]) -> str:
+        return prompts.generation_prompt(self.processor.tokenizer, msgs)
+
+    def _inputs(self, prompt: str, image: Image.Image | None):
+        return prepare_inputs(self.model, self.processor, [prompt], [image])
+
+    def stream(self, prompt: str, image: Image.Image | None, settings: GenerationSettings,
+               adapter: bool, inputs=None) -> Iterator[str]:
+        """The answer so far, after each new piece of text (``inputs``: already prepared for this prompt)."""
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        tokenizer = self.processor.tokenizer
+        inputs = self._inputs(prompt, image) if inputs is None else inputs
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            # The lock and the adapter switch live in the generating thread: the adapter is off exactly
+            # while this generate runs, whatever happens to the request that started it.
+            try:
+                with self.lock, torch.inference_mode(), adapter_switch(self.model, adapter):
+                    self.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+                                        pad_token_id=tokenizer.pad_token_id)
+            except BaseException as e:  # handed to the request thread, which shows it
+                failure.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="llava-lora-generate", daemon=True)
+        thread.start()
+        text = ""
+        try:
+            for piece in streamer:
+                if piece:
+                    text += piece
+                    yield text.strip()
+        finally:
+            stop.set()  # a closed page stops its generation at the next token
+            thread.join()
+        if failure:
+            raise failure[0]
+
+    def compare(self, prompt: str, image: Image.Image | None,
+                settings: GenerationSettings) -> Iterator[tuple[str, str, str]]:
+        """(base answer, fine-tuned answer, status) as both stream in, base first."""
+        t0 = time.perf_counter()
+        base = tuned = ""
+        yield base, tuned, "Generating the base answer…"
+        # One preprocessing and one pass of the frozen vision tower serve both answers. Holding the tower's cache
+        # across the two generations is safe: both generating events share one concurrency group of size 1.
+        inputs = self._inputs(prompt, image)
+        with vision_once(self.model):
+            for base in self.stream(prompt, image, settings, adapter=False, inputs=inputs):
+                yield base, tuned, "Generating the base answer…"
+            if self.has_adapter:
+                yield base, tuned, "Generating the fine-tuned answer…"
+                for tuned in self.stream(prompt, image, settings, adapter=True, inputs=inputs):
+                    yield base, tuned, "Generating the fine-tuned answer…"
+        yield base, tuned, f"Done in {time.perf_counter() - t0:.1f} s."

@@ -499,6 +499,7 @@ class Recipe:
         """Device, precision and the fast-path options, refused here (before RUN_DIR is touched or a model loaded)
         where they cannot apply; the accelerator; the checkpoint to resume from."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.state import AcceleratorState
 
         cfg = self.cfg
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -507,6 +508,9 @@ class Recipe:
         check_compile(cfg.compile, self.device)
         self.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, self.device, cfg.model)
         self.fused_loss = resolve_fused_loss(cfg.fused_loss, self.device)
+        # One process may run several trainings (a notebook, the tests), each with its own precision; accelerate
+        # keeps the first one's in a process-wide singleton (the distributed state, PartialState, is kept).
+        AcceleratorState._reset_state()
         # find_unused_parameters: a micro-batch without images leaves the projector without gradients
         self.accelerator = Accelerator(
             cpu=self.device == "cpu", mixed_precision="no" if self.precision == "fp32" else self.precision,
@@ -796,7 +800,8 @@ def _evaluate_heldout(heldout: HeldOut, loss_module, accelerator, log: RunLog, s
         loss, tokens, skipped = heldout.loss(unwrapped, accelerator)
         log.skipped(skipped, step)
         if accelerator.is_main_process:
-            heldout.answers(unwrapped.peft_model, step)
+            with accelerator.autocast():  # as in training: half-precision frozen weights beside fp32 trained ones
+                heldout.answers(unwrapped.peft_model, step)
             log.metrics({"step": step, "eval_loss": loss, "eval_tokens": tokens})
             bar.write(f"step {step}: held-out loss {loss:.4f} over {tokens} tokens")
     finally:

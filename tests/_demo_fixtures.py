@@ -19,7 +19,8 @@ import pytest
 
 from llava_lora import build, tiny, train
 from llava_lora.data import synth
-from llava_lora.demo import DemoConfig, Engine, Samples, build_app, load_samples, serve
+from llava_lora.demo import DemoConfig, Samples, build_app, load_samples, serve
+from llava_lora.inference import SideBySideEngine
 from llava_lora.modeling import load_model
 
 
@@ -31,7 +32,7 @@ class DemoAssets:
 
 
 _BUILT: dict[str, DemoAssets] = {}
-_ENGINES: dict[tuple[Path, bool], Engine] = {}
+_ENGINES: dict[tuple[Path, bool], SideBySideEngine] = {}
 
 
 def build_assets(root: Path) -> DemoAssets:
@@ -56,12 +57,12 @@ def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
     return _BUILT["assets"]
 
 
-def engine_for(assets: DemoAssets, adapter: bool) -> Engine:
+def engine_for(assets: DemoAssets, adapter: bool) -> SideBySideEngine:
     """One loaded model per variant for the whole session (as the demo keeps one in memory)."""
     key = (assets.model, adapter)
     if key not in _ENGINES:
         model, processor = load_model(assets.model, assets.adapter if adapter else None, device="cpu")
-        _ENGINES[key] = Engine(model, processor, has_adapter=adapter)
+        _ENGINES[key] = SideBySideEngine(model, processor, has_adapter=adapter)
     return _ENGINES[key]
 
 
@@ -78,7 +79,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_demo(cfg: DemoConfig, engine: Engine, samples: Samples | None = None) -> Iterator[str]:
+def running_demo(cfg: DemoConfig, engine: SideBySideEngine, samples: Samples | None = None) -> Iterator[str]:
     """The page served in this process (Gradio's server thread) at the URL yielded; closed afterwards."""
     if samples is None and cfg.data is not None:
         samples = load_samples(cfg)

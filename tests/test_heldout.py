@@ -84,8 +84,10 @@ def test_prune_keeps_newest_best_and_incomplete(tmp_path: Path):
 def test_heldout_loss_equals_eval_loss_and_samples_written(world: Models, data: Path, held: Path, tmp_path: Path,
                                                           capsys):
     run = tmp_path / "run"
+    # fp32, as eval --dtype float32 below: the same numbers in the same precision
     assert _train(world, data, run, "--max-steps", "4", "--save-every", "4", "--eval-data", str(held),
-                  "--eval-every", "2", "--eval-samples", "3", "--eval-max-new-tokens", "4") == 0, \
+                  "--eval-every", "2", "--eval-samples", "3", "--eval-max-new-tokens", "4", "--precision",
+                  "fp32") == 0, \
         capsys.readouterr().err
     evals = [r for r in _rows(run) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(math.isfinite(r["eval_loss"]) for r in evals)
