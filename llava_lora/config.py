@@ -33,6 +33,27 @@ def field(default: Any = dataclasses.MISSING, help: str = "", positional: bool =
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
+# Settings several stages share: declared once here, so their help texts cannot drift apart.
+def model_field() -> Any:
+    return field(help="MODEL_DIR written by `llava-lora build`")
+
+
+def split_field() -> Any:
+    return field(None, help="split file in a DATA folder, e.g. test for test.json (default: chat.json)")
+
+
+def image_dir_field() -> Any:
+    return field(None, help="image root (default: DATA's images_dl/, else images/, else DATA's folder)")
+
+
+def device_field() -> Any:
+    return field(None, help="cpu or cuda (default: cuda when available)")
+
+
+def load_dtype_field() -> Any:
+    return field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, is_optional) of ``X | None``."""
     origin = typing.get_origin(tp)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import prompts
-from .config import field
+from .config import device_field, field, image_dir_field, load_dtype_field, model_field, split_field
 from .data.images import open_image, resolve_image
 from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
@@ -52,17 +52,17 @@ MODEL_GROUP = "model"
 
 @dataclass
 class DemoConfig:
-    model: str = field(help="MODEL_DIR written by `llava-lora build`")
+    model: str = model_field()
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder) holding a trained adapter; "
                                            "without it the page shows the base model alone")
     data: str | None = field(None, help="LLaVA-format JSON/JSONL file, or a folder holding chat.json, for tab 1")
-    split: str | None = field(None, help="data split file in a DATA folder, e.g. test (default: chat.json)")
-    image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else DATA)")
+    split: str | None = split_field()
+    image_dir: str | None = image_dir_field()
     host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to the network")
     port: int = field(7860, help="port to listen on")
     share: bool = field(False, help="ask Gradio for a public share link (off: the page stays local)")
-    device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
-    dtype: str = field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
+    device: str | None = device_field()
+    dtype: str = load_dtype_field()
     max_new_tokens: int = field(64, help="default of the page's max-new-tokens slider")
     max_new_tokens_cap: int = field(256, help="the most new tokens a request may ask for")
     max_upload_mb: float = field(10.0, help="uploads larger than this many megabytes are refused")

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import config as cfglib
 from . import metrics, prompts
-from .config import field
+from .config import device_field, field, image_dir_field, load_dtype_field, model_field, split_field
 from .data.images import open_image, resolve_image
 from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
@@ -37,11 +37,11 @@ LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
 @dataclass(kw_only=True)
 class EvalConfig(GenerationSettings):
-    model: str = field(help="MODEL_DIR written by `llava-lora build`")
+    model: str = model_field()
     data: str = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json / SPLIT.json")
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder); without it the base is evaluated alone")
-    split: str | None = field(None, help="split file in a DATA folder, e.g. test for test.json; none: chat.json")
-    image_dir: str | None = field(None, help="image root; none: DATA's images_dl/, else images/, else DATA")
+    split: str | None = split_field()
+    image_dir: str | None = image_dir_field()
     limit: int | None = field(None, help="evaluate the first N usable samples only")
     index: int | None = field(None, help="show sample I (0-based, among usable samples) in full; writes files "
                                          "only with --out")
@@ -50,8 +50,8 @@ class EvalConfig(GenerationSettings):
                                        "without --adapter")
     overwrite: bool = field(False, help=OVERWRITE_HELP)
     examples: int = field(20, help="most differing examples shown in report.md")
-    device: str | None = field(None, help="cpu or cuda; none: cuda when available")
-    dtype: str = field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
+    device: str | None = device_field()
+    dtype: str = load_dtype_field()
     seed: int = field(0, help="seed for sampling (temperature > 0)")
 
     def __post_init__(self) -> None:

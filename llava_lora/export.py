@@ -29,7 +29,7 @@ from typing import Any, Literal
 from . import __version__, gguf_export, layout, prompts
 from . import config as cfglib
 from .adapters import adapter_dir, fingerprint, wrapped_modules
-from .config import field
+from .config import device_field, field, image_dir_field, split_field
 from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
 from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
@@ -51,15 +51,15 @@ class ExportConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         "auto", help="dtype of MERGED_DIR (auto: MODEL_DIR's, as saved in its config.json)")
     data: str | None = field(None, help="samples for the self-check; none: synthetic shape images")
-    split: str | None = field(None, help="split file in a DATA folder, e.g. test")
-    image_dir: str | None = field(None, help="image root of DATA")
+    split: str | None = split_field()
+    image_dir: str | None = image_dir_field()
     check_samples: int = field(2, help="samples in the self-check (0: no check)")
     check_tokens: int = field(8, help="greedy tokens per answer in the self-check")
     overwrite: bool = field(False, help=OVERWRITE_HELP)
     format: Literal["safetensors", "gguf"] = field(
         "safetensors", help="gguf: also write llama.cpp/Ollama files (LM, mmproj, Modelfile) into MERGED_DIR")
     gguf_type: Literal["f16", "bf16", "q8_0"] = field("q8_0", help="weight type of the GGUF language model")
-    device: str | None = field(None, help="cpu or cuda; none: cuda when available")
+    device: str | None = device_field()
 
     def __post_init__(self) -> None:
         if self.check_samples < 0 or self.check_tokens < 1:

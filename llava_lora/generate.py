@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import prompts
-from .config import field
+from .config import device_field, field, load_dtype_field, model_field
 from .data.images import open_image
 from .errors import BadRecord, UsageError
 from .inference import GenerationSettings, answer, settings_from
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 
 @dataclass(kw_only=True)
 class GenerateConfig(GenerationSettings):
-    model: str = field(help="MODEL_DIR written by `llava-lora build`")
+    model: str = model_field()
     prompt: str = field(help="the question")
     image: str | None = field(None, help="image file (omit for a text-only prompt)")
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder) holding a trained adapter")
-    device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
-    dtype: str = field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
+    device: str | None = device_field()
+    dtype: str = load_dtype_field()
     seed: int = field(0, help="seed for sampling")
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import config as cfglib
 from .adapters import RUN_FILE, apply_lora, init_from, save_adapter, wrapped_modules
-from .config import Alias, field
+from .config import Alias, device_field, field, image_dir_field, model_field, split_field
 from .data.dataset import Collator, DropFailed, ResumableBatchSampler, TrainDataset
 from .data.images import locate_records
 from .data.records import duplicate_ids, load_records, resolve_data
@@ -54,12 +54,12 @@ RUN_IDENTITY = ("model", "data", "split", "eval_data", "init_from", "lora_r", "l
 
 @dataclass
 class TrainConfig:
-    model: str = field(help="MODEL_DIR written by `llava-lora build`")
+    model: str = model_field()
     data: str | list = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json; in YAML also a list "
                                   "of sources {path, image_dir, weight, split} (a mixture, see data/sources.py)")
     out: str = field(help="RUN_DIR: adapter, checkpoints, logs")
-    image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else DATA)")
-    split: str | None = field(None, help="data split file in a DATA folder (default: chat.json)")
+    image_dir: str | None = image_dir_field()
+    split: str | None = split_field()
     resume: bool = field(False, help="continue from the newest complete checkpoint in RUN_DIR")
     overwrite: bool = field(False, help="delete RUN_DIR's previous run and start over")
     lora_r: int = field(4, help="LoRA rank; 0: no LoRA, the projector alone (LLaVA's stage 1)")
@@ -96,7 +96,7 @@ class TrainConfig:
     log_every: int = field(10, help="log metrics every this many steps")
     seed: int = field(42, help="seed of the data order, LoRA init and dropout")
     num_workers: int = field(2, help="DataLoader worker processes (image decoding, tokenisation)")
-    device: str | None = field(None, help="cpu or cuda (default: cuda when available)")
+    device: str | None = device_field()
     num_threads: int | None = field(None, help="CPU threads for the model's kernels (default: torch's, one per "
                                                "core); 1 can be faster for tiny models beside a data worker")
     tensorboard: bool = field(True, help="write TensorBoard event files to RUN_DIR/tensorboard")

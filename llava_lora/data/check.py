@@ -23,7 +23,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import field
+from ..config import field, image_dir_field, split_field
 from ..errors import UsageError
 from .images import check_image, resolve_image
 from .records import BadRecord, Record, duplicate_ids, load_records, resolve_data
@@ -37,8 +37,8 @@ MIN_POOL = 256  # fewer unique images than this are checked in-process (a pool c
 class CheckConfig:
     data: str | list = field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json (in a "
                                                    "--config file also a list of sources: see data/sources.py)")
-    image_dir: str | None = field(None, help="image root (default: DATA's images_dl/, else images/, else its folder)")
-    split: str | None = field(None, help="with a folder DATA: check {split}.json instead of chat.json")
+    image_dir: str | None = image_dir_field()
+    split: str | None = split_field()
     json: str | None = field(None, help="write the full report (every bad record) to this JSON file")
     model: str | None = field(None, help="model folder whose tokenizer counts tokens for the too_long check")
     max_length: int | None = field(None, help="with --model: flag records longer than this many tokens (default: "
