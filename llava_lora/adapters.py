@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import make_readable
+from .outdirs import make_readable
 
 # The language model's layers only: CLIP's attention also has q_proj/v_proj, which must stay untouched.
 LANGUAGE_MODEL_SCOPE = r"model\.language_model\..*"

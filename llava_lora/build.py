@@ -26,7 +26,7 @@ import torch
 from . import __version__, layout, templates
 from .config import field
 from .errors import UsageError
-from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
+from .outdirs import OVERWRITE_HELP, check_out, make_readable, move_into_place
 from .modeling import format_param_stats, format_table, param_stats, quiet_transformers, resolve_dtype
 
 @dataclass

@@ -27,7 +27,7 @@ from .config import device_field, field, image_dir_field, load_dtype_field, mode
 from .data.images import open_image, resolve_image
 from .data.records import BadRecord, Record, load_records, resolve_data
 from .errors import UsageError
-from .fsutil import OVERWRITE_HELP, check_out, new_folder
+from .outdirs import OVERWRITE_HELP, check_out, new_folder
 from .inference import GenerationSettings, answer_each, settings_from
 
 OUTPUTS = ("predictions.jsonl", "summary.json", "report.md", "eval.yaml")
@@ -83,7 +83,7 @@ class Prediction:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def select(records: list[Record], limit: int | None, index: int | None, source: str) -> list[Record]:
+def choose_records(records: list[Record], limit: int | None, index: int | None, source: str) -> list[Record]:
     """The records to evaluate: all, the first ``limit``, or the one at ``index``."""
     if index is not None:
         if not records:
@@ -325,7 +325,7 @@ def main(cfg: EvalConfig) -> int:
 
     data_file, image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
     records, bad = load_records(data_file)
-    chosen = select(records, cfg.limit, cfg.index, str(data_file))
+    chosen = choose_records(records, cfg.limit, cfg.index, str(data_file))
     if not chosen:
         raise UsageError(f"{data_file}: no usable sample ({len(bad)} bad records; see `llava-lora data check`)")
     out = default_out(cfg)

@@ -32,7 +32,7 @@ from .adapters import adapter_dir, fingerprint, wrapped_modules
 from .config import device_field, field, image_dir_field, split_field
 from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
-from .fsutil import OVERWRITE_HELP, check_out, make_readable, move_into_place
+from .outdirs import OVERWRITE_HELP, check_out, make_readable, move_into_place
 from .inference import GenerationSettings, prepare_inputs
 
 EXPORT_FILE = "export.json"
@@ -74,7 +74,7 @@ def saved_dtype(model_dir: str | Path) -> str:
     return dtype_name(checkpoint_dtype(model_dir))
 
 
-def check_inputs(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
+def self_check_samples(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
     """(records, images) for the self-check: DATA's first readable samples, or synthetic shape images."""
     if cfg.data is None:
         from .data import synth
@@ -197,7 +197,7 @@ def main(cfg: ExportConfig) -> int:
     dtype_name = saved_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
     dtype = getattr(torch, dtype_name)
     device = cfg.device or default_device()
-    records, images = check_inputs(cfg) if cfg.check_samples else ([], [])
+    records, images = self_check_samples(cfg) if cfg.check_samples else ([], [])
 
     model, processor = load_model(cfg.model, cfg.adapter, dtype=cfg.dtype, device=device)
     expected = probe(model, processor, records, images, cfg.check_tokens) if records else None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .config import field
-from .fsutil import OVERWRITE_HELP, check_out
+from .outdirs import OVERWRITE_HELP, check_out
 
 # The training recipe: a tiny random LM needs a higher learning rate and LoRA on every linear layer to learn
 # the synthetic task in a couple of minutes (see the file's header).

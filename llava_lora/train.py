@@ -40,7 +40,7 @@ from .errors import RunFailed, UsageError
 from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
-from .fsutil import make_readable, move_into_place
+from .outdirs import make_readable, move_into_place
 from .modeling import PRECISION_DTYPES, format_param_stats, param_stats, quiet_transformers, train_precision
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report

@@ -29,7 +29,7 @@ from typing import Any
 from .. import config as cfglib
 from ..config import field
 from ..errors import UsageError
-from ..fsutil import OVERWRITE_HELP, new_folder
+from ..outdirs import OVERWRITE_HELP, new_folder
 from .records import IMAGE_PLACEHOLDER
 
 COLOURS: dict[str, tuple[int, int, int]] = {
