@@ -334,6 +334,7 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
 
 def main(cfg: TrainConfig) -> int:
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -345,6 +346,9 @@ def main(cfg: TrainConfig) -> int:
     check_compile(cfg.compile, device)
     attn_implementation = resolve_attn_implementation(cfg.attn_implementation, device)
     fused_loss = resolve_fused_loss(cfg.fused_loss, device)
+    # A process may train more than once (tests, a notebook), with another precision each time: accelerate keeps
+    # the first's mixed precision in a process-wide state and refuses a change. The distributed state is kept.
+    AcceleratorState._reset_state()
     # find_unused_parameters: a micro-batch without images leaves the projector without gradients
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
