@@ -84,7 +84,7 @@ def _batch(model_dir: Path, data: Path):
 def test_loss_equals_transformers_loss_for_every_feature_setting(world: Models, siglip: dict[str, Path],
                                                                  data: Path, tower: str, layer, strategy: str):
     """Our loss (tower under no_grad, lm_head on supervised positions only) equals transformers' own ``labels=``
-    loss with the same vision feature layer(s) and strategy. A CLIP with the 'full' strategy keeps its CLS: one
+    loss with the same vision feature layer(s) and strategy (CLIP at -2 with "default": what `build` composes). A CLIP with the 'full' strategy keeps its CLS: one
     more image token than patches."""
     from transformers import LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -95,6 +95,7 @@ def test_loss_equals_transformers_loss_for_every_feature_setting(world: Models, 
     torch.manual_seed(0)
     model.model.multi_modal_projector = LlavaMultiModalProjector(model.config)  # input width follows the layers
     batch = _batch(model_dir, data)
+    assert batch["pixel_values"].shape[0] == 3 and (batch["attention_mask"] == 0).any()  # a text-only record, padded
     if tower == "clip" and strategy == "full":  # one more feature per image: widen each image's token run by one
         ids, labels, mask = [], [], []
         for row in range(batch["input_ids"].shape[0]):
