@@ -68,7 +68,7 @@ LOSS_TOLERANCE = 0.01  # relative, on every step's loss
 
 def batches(n_records: int, batch_size: int, steps: int) -> list[list[int]]:
     """Record indices of each step, in the order ``llava-lora train --no-group-by-length`` draws them."""
-    from llava_lora.data.dataset import ResumableBatchSampler
+    from llava_lora.batches import ResumableBatchSampler
 
     return list(itertools.islice(iter(ResumableBatchSampler(n_records, batch_size, SEED)), steps))
 

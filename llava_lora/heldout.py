@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.dataset import Collator, Skip, TrainDataset
+from .batches import Collator, Skip, TrainDataset
 from .data.records import Record, load_records, resolve_data
 from .errors import UsageError
 

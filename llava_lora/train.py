@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import config as cfglib
 from .adapters import RUN_FILE, apply_lora, init_from, save_adapter, wrapped_modules
 from .config import Alias, device_field, field, image_dir_field, model_field, split_field
-from .data.dataset import Collator, DropFailed, ResumableBatchSampler, TrainDataset
+from .batches import Collator, DropFailed, ResumableBatchSampler, TrainDataset
 from .data.images import locate_records
 from .data.records import duplicate_ids, load_records, resolve_data
 from .errors import RunFailed, UsageError
@@ -41,7 +41,8 @@ from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
 from .outdirs import make_readable, move_into_place
-from .modeling import PRECISION_DTYPES, format_param_stats, param_stats, quiet_transformers, train_precision
+from .modeling import (PRECISION_DTYPES, default_device, format_param_stats, param_stats, quiet_transformers,
+                       train_precision)
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
@@ -119,7 +120,7 @@ class TrainConfig:
         "auto", help="Liger's fused linear cross-entropy for the lm_head and the loss (GPU, liger-kernel package); "
                      "auto: where available")
     compile: bool = field(False, help="torch.compile the language model: the first step compiles (seconds to "
-                                      "minutes), then ~40% less activation memory (on a CPU, no faster steps)")
+                                      "minutes), then less activation memory (on a CPU, no faster steps)")
     quantize: Literal["none", "4bit"] = field(
         "none", help="QLoRA: load the language model in 4-bit NF4 through bitsandbytes (GPU only)")
 
@@ -502,7 +503,7 @@ class Recipe:
         from accelerate.state import AcceleratorState
 
         cfg = self.cfg
-        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = cfg.device or default_device()
         self.precision, self.precision_why = train_precision(cfg.precision, self.device)
         check_quantize(cfg.quantize, self.device)
         check_compile(cfg.compile, self.device)

@@ -21,7 +21,7 @@ from _model_fixtures import FAST, model_world
 from data_fixtures import png_header_only
 from llava_lora import cli, demo, evaluate, generate
 from llava_lora.data import images
-from llava_lora.data.dataset import DropFailed, ResumableBatchSampler, TrainDataset
+from llava_lora.batches import DropFailed, ResumableBatchSampler, TrainDataset
 from llava_lora.data.images import check_image, locate_records, open_image, resolve_image
 from llava_lora.data.records import duplicate_ids, load_records
 from llava_lora.errors import BadRecord
@@ -331,7 +331,7 @@ class _RefusingProcessor:
 
 
 def test_a_processor_refusal_is_the_records_skip_in_training(corpus):
-    from llava_lora.data.dataset import Skip
+    from llava_lora.batches import Skip
 
     records, _ = load_records(corpus.data)
     proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()

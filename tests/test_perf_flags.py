@@ -115,7 +115,7 @@ def test_loss_without_mask_equals_masked_loss(world: Models, data: Path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llava_lora.adapters import apply_lora
-    from llava_lora.data.dataset import Collator, TrainDataset
+    from llava_lora.batches import Collator, TrainDataset
     from llava_lora.data.records import load_records, resolve_data
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from llava_lora.data.dataset import ResumableBatchSampler
+from llava_lora.batches import ResumableBatchSampler
 
 
 def _batches(sampler: ResumableBatchSampler, n: int) -> list[list[int]]:

@@ -64,7 +64,7 @@ def test_siglip2_naflex_refused(world: Models, tmp_path: Path, capsys):
 def _batch(model_dir: Path, data: Path):
     from transformers import AutoProcessor
 
-    from llava_lora.data.dataset import Collator, TrainDataset
+    from llava_lora.batches import Collator, TrainDataset
     from llava_lora.data.records import load_records, resolve_data
 
     processor = AutoProcessor.from_pretrained(model_dir)

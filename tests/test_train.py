@@ -211,7 +211,7 @@ def test_bf16_loss_within_one_percent_of_fp32(world: Models, data: Path):
     same batch and the same initial LoRA weights."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llava_lora.data.dataset import Collator, TrainDataset
+    from llava_lora.batches import Collator, TrainDataset
     from llava_lora.data.records import resolve_data
 
     processor = AutoProcessor.from_pretrained(world.qwen_model)

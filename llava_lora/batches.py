@@ -1,4 +1,5 @@
-"""Training samples: a record becomes token ids, labels and pixels in a DataLoader worker.
+"""Training batches: a record becomes token ids, labels and pixels in a DataLoader worker, the collator pads them
+into a batch, and the resumable sampler orders them (every record in every epoch).
 
 A record that turns out bad here (image unreadable, undecodable or refused by the image processor, answer
 empty after tokenisation, too long) becomes a *skip* that travels with the batch to the training loop, which
@@ -14,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import prompts
-from .images import open_image, resolve_image
-from .records import BadRecord, Record
+from . import prompts
+from .data.images import open_image, resolve_image
+from .data.records import BadRecord, Record
 
 
 @dataclass(frozen=True)
