@@ -189,17 +189,21 @@ def materialise(model, device: str, seed: int):
     return model
 
 
-def wrap_for_training(model, gc_on: bool):
-    """What `llava-lora train` does after loading: GC on the language model, LoRA + projector, fp32 masters."""
-    from llava_lora.adapters import apply_lora
+def train_config(gc_on: bool):
+    """The seed's LoRA settings as train's own config (its wrap_for_training and make_optimizer take it)."""
+    from llava_lora.train import TrainConfig
 
-    if gc_on:
-        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = apply_lora(model, LORA["r"], LORA["alpha"], LORA["dropout"], LORA["targets"], LORA["train_projector"])
-    for p in peft_model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
-    return peft_model
+    return TrainConfig(model="(built in memory)", data="(synthetic)", out="(none)", lora_r=LORA["r"],
+                       lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=LORA["targets"],
+                       train_projector=LORA["train_projector"], learning_rate=LEARNING_RATE,
+                       gradient_checkpointing=gc_on)
+
+
+def wrap_for_training(model, gc_on: bool):
+    """train's own wrapping (gradient checkpointing, LoRA + projector, fp32 masters) with the seed's settings."""
+    from llava_lora import train
+
+    return train.wrap_for_training(model, train_config(gc_on))
 
 
 def param_counts(peft_model) -> dict:
@@ -304,7 +308,7 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int, reps: int = 50, tria
 def run_setting(s: Shape, config, batch: dict, gc_on: bool, device: str, steps: int, warmup: int,
                 seed: int, fast: dict) -> tuple[dict, dict]:
     """Build, wrap and train for warmup + steps; return the measurements and the parameter counts."""
-    from llava_lora.train import LlavaLoss
+    from llava_lora.train import LlavaLoss, make_optimizer
 
     # as train's _load_model on cuda; the --device cpu run is an fp32 check of the code path (train itself runs bf16
     # on a CPU since issue 11)
@@ -320,11 +324,8 @@ def run_setting(s: Shape, config, batch: dict, gc_on: bool, device: str, steps: 
     model = materialise(meta_model(config, dtype), device, seed)
     peft_model = wrap_for_training(model, gc_on)
     params = param_counts(peft_model)
-    lora_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
-    proj_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
-    trainable = lora_params + proj_params
-    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": LEARNING_RATE},
-                                   {"params": proj_params, "lr": LEARNING_RATE}], weight_decay=0.0)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(peft_model, train_config(gc_on))  # train's two AdamW groups
     loss_module = LlavaLoss(peft_model, fast["fused_loss"]).train()
     inputs = fast["model_inputs"](batch["tensors"], device)  # as train moves a batch: no mask when right-padded
     n_supervised = batch["supervised_tokens"]

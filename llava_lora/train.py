@@ -466,6 +466,29 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
+def wrap_for_training(model, cfg: TrainConfig):
+    """What training does to a loaded model: gradient checkpointing of the language model (if asked), LoRA and the
+    projector made trainable (everything else frozen), and fp32 masters of what trains."""
+    if cfg.gradient_checkpointing:
+        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, cfg.train_projector)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
+    return peft_model
+
+
+def make_optimizer(peft_model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the LoRA matrices and the projector, each group at its own learning rate."""
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    lora_params = [p for n, p in named if "lora_" in n]
+    proj_params = [p for n, p in named if "lora_" not in n]
+    groups = [{"params": lora_params, "lr": cfg.learning_rate}] if lora_params else []
+    if proj_params:
+        groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
 class Throughput:
     """Training figures averaged over the steps since the last log row."""
 
@@ -568,14 +591,8 @@ class Recipe:
         random.seed(cfg.seed)
         model, self.processor = _load_model(cfg, self.device, self.precision, self.attn_implementation,
                                             self.accelerator.local_process_index)
-        if cfg.gradient_checkpointing:
-            model.model.language_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
-                                     cfg.train_projector)
+        self.peft_model = wrap_for_training(model, cfg)
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
-        for p in self.trainable:
-            p.data = p.data.float()  # the optimizer keeps fp32 masters of what it trains
         self.run_meta = {"lora_r": cfg.lora_r,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         if cfg.init_from:
@@ -622,13 +639,7 @@ class Recipe:
         from transformers import get_scheduler
 
         cfg = self.cfg
-        named = [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
-        lora_params = [p for n, p in named if "lora_" in n]
-        proj_params = [p for n, p in named if "lora_" not in n]
-        groups = [{"params": lora_params, "lr": cfg.learning_rate}] if lora_params else []
-        if proj_params:
-            groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(self.peft_model, cfg)
         self.scheduler = get_scheduler(
             cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
             num_warmup_steps=math.ceil(cfg.warmup_ratio * self.max_steps), num_training_steps=self.max_steps)
