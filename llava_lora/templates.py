@@ -133,12 +133,12 @@ def _jinja_string(text: str) -> str:
     return json.dumps(text)  # a double-quoted literal with backslash escapes, which Jinja reads as written
 
 
-def llava_template(template: str, image_token: str = "<image>", tokenizer=None) -> str:
+def llava_template(template: str, image_token: str, tokenizer) -> str:
     """The composed model's template for an LLM whose own template is ``template`` (``tokenizer`` renders it
     where the composition needs to read what it writes)."""
     kind = family(template)
     if kind == "chatml":
-        system = _chatml_system_prompt(tokenizer, template) if tokenizer is not None else "You are a helpful assistant."
+        system = _chatml_system_prompt(tokenizer, template)
         think = QWEN3_THINK if "<think>" in template else ""
         return (CHATML.replace("IMAGE_TOKEN", image_token).replace("SYSTEM_PROMPT", system.replace("'", "\\'"))
                 .replace("THINK", think))
@@ -146,7 +146,7 @@ def llava_template(template: str, image_token: str = "<image>", tokenizer=None) 
         return LLAMA3.replace("IMAGE_TOKEN", image_token)
     if kind == "marked":
         return _GENERIC_PRELUDE.replace("IMAGE_TOKEN", image_token) + template
-    tail = _end_tail(tokenizer, template) if tokenizer is not None else ""
+    tail = _end_tail(tokenizer, template)
     return (_GENERIC_PRELUDE.replace("IMAGE_TOKEN", image_token)
             + _BY_PREFIX.replace("LLM_TEMPLATE", template).replace("TAIL", _jinja_string(tail)))
 

@@ -556,16 +556,18 @@ class Recipe:
             # Images that are missing or outside the root are found now, by a stat, and never reach the sampler.
             self.records, unlocated = locate_records(self.records, self.image_root)
             self.parse_errors += unlocated
+            self.n_records = len(self.records) + len(self.parse_errors)  # read, for the data report
         self.held, self.held_root = None, None
         if cfg.eval_data is not None:
             self.records, self.held, self.held_root, held_errors = heldout_records(
                 cfg.eval_data, cfg.eval_split, cfg.eval_image_dir, self.records, self.image_root, cfg.seed)
+            if heldout_share(cfg.eval_data) is None:  # a file of its own: its records were read too
+                self.n_records += len(self.held) + len(held_errors)
             self.held, unlocated = locate_records(self.held, self.held_root)
             self.parse_errors = self.parse_errors + held_errors + unlocated
         if len(self.records) < cfg.batch_size * self.world:
             raise UsageError(f"{self.data_file}: {len(self.records)} usable records, fewer than one batch of "
                              f"{cfg.batch_size * self.world}")
-        self.n_records = len(self.records) + len(self.held or []) + len(self.parse_errors)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfglib.save(cfg, self.run_dir / CONFIG_FILE)
@@ -579,6 +581,7 @@ class Recipe:
             raise UsageError(f"--eval-data {cfg.eval_data}: a share cannot be held out of a mixture; give a file")
         mix = load_mixture(parse_sources(cfg.data), cfg.seed)
         self.records, self.parse_errors, self.sources = mix.records, mix.rejected, mix.names
+        self.n_records = mix.total  # read, before weighting
         self.image_root = mix.roots
         self.data_file = " + ".join(f"{f} ({n} records)" for f, _, n in mix.files)
 

@@ -100,6 +100,7 @@ def test_train_on_a_mixture(two_sources: tuple[Path, Path], tmp_path: Path, tmp_
     assert rc == 0, printed.err
     assert f"{a / 'chat.json'} (8 records) + {b} (5 records)" in printed.out
     report = json.loads((run / "data_report.json").read_text())
+    assert report["records"] == 8 + 6  # records read, not their weighted copies
     (skip,) = report["samples"]
     assert skip["reason"] == "missing_image" and f"(source {b})" in skip["detail"] and skip["when"] == "loading"
     assert (run / "adapter_model.safetensors").is_file()
