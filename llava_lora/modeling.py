@@ -230,5 +230,18 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
         from .adapters import attach_adapter
 
         model = attach_adapter(model, adapter, model_dir)
+    contiguous_head_input(model)
     model.to(device).eval()
     return model, processor
+
+
+def contiguous_head_input(model) -> None:
+    """Hand the lm_head a contiguous input. Generation gives it the last position of each row, a strided slice of
+    [B, T, D]; a bias-free Linear on a non-contiguous 3-D bf16 input on a CPU becomes a bmm that copies the weight
+    once per row (pytorch/pytorch#151934): at Qwen1.5-4B's vocabulary, 3 GB and 10 s more per prefill of 4 rows."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def contiguous(module, args):
+        return (args[0].contiguous(), *args[1:])
+
+    llava.lm_head.register_forward_pre_hook(contiguous)

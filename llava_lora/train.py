@@ -41,8 +41,8 @@ from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
 from .outdirs import make_readable, move_into_place
-from .modeling import (PRECISION_DTYPES, default_device, format_param_stats, param_stats, quiet_transformers,
-                       train_precision)
+from .modeling import (PRECISION_DTYPES, contiguous_head_input, default_device, format_param_stats, param_stats,
+                       quiet_transformers, train_precision)
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
@@ -463,6 +463,7 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype,
                                                               attn_implementation=attn_implementation, **kwargs)
+    contiguous_head_input(model)  # held-out answers generate
     return model, AutoProcessor.from_pretrained(model_dir)
 
 

@@ -159,6 +159,22 @@ def test_vision_tower_runs_once_per_batch_for_base_and_finetuned(tuned, mixed):
         assert [p.answers[s] for p in both] == [p.answers[s] for p in alone[s]]
 
 
+def test_lm_head_sees_a_contiguous_input_in_batched_generation(tuned, mixed):
+    """Batched prefill hands the lm_head a strided slice (each row's last position); on a CPU in bf16 that slice
+    costs a copy of the head's weight per row (pytorch#151934), so load_model makes it contiguous first."""
+    model, processor = tuned
+    records, root = mixed
+    seen = []
+    head = model.get_base_model().lm_head
+    hook = head.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape, args[0].is_contiguous())))
+    try:
+        evaluate.predict(model, processor, [r for r in records if r.image][:3], root, SETTINGS, 3, progress=False)
+    finally:
+        hook.remove()
+    assert any(shape[0] == 3 and shape[1] == 1 for shape, _ in seen)  # the batched prefill's last positions
+    assert all(contiguous for _, contiguous in seen)
+
+
 def test_base_answers_equal_the_model_loaded_without_adapter(world, tuned, mixed):
     model, processor = tuned
     records, root = mixed
