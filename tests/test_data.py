@@ -103,7 +103,8 @@ def test_load_records_reports_bad_ones_by_id_or_index(tmp_path):
                                 {"conversations": qa("Hi?", "hi")}, {"id": "bad", "conversations": []}]))
     good, bad = load_records(path)
     assert [r.id for r in good] == ["ok"]
-    assert [(i, r) for i, r, _ in bad] == [("#1", "not_an_object"), ("#2", "missing_id"), ("bad", "no_conversations")]
+    assert [(r.id, r.reason) for r in bad] == [
+        ("#1", "not_an_object"), ("#2", "missing_id"), ("bad", "no_conversations")]
 
 
 # ---------------------------------------------------------------------------------------------- reading JSON
@@ -277,7 +278,7 @@ def _bad_report(tmp_path: Path, **kw) -> tuple[dict[str, str], check.CheckReport
 
 def test_check_finds_every_reason(tmp_path):
     expected, report = _bad_report(tmp_path, workers=1)
-    assert {i: r for i, r, _ in report.bad} == expected
+    assert {r.id: r.reason for r in report.bad} == expected
     assert [r.id for r in report.usable] == list(BAD_DATASET_GOOD_IDS)
     assert report.total == len(expected) + len(BAD_DATASET_GOOD_IDS)
     assert sum(report.counts.values()) == len(expected)
@@ -287,7 +288,7 @@ def test_check_in_a_process_pool_matches_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(check, "MIN_POOL", 0)
     monkeypatch.setattr(check, "CHUNK", 3)
     expected, report = _bad_report(tmp_path, workers=2)
-    assert {i: r for i, r, _ in report.bad} == expected
+    assert {r.id: r.reason for r in report.bad} == expected
     assert [r.id for r in report.usable] == list(BAD_DATASET_GOOD_IDS)
 
 
@@ -297,7 +298,7 @@ def test_check_too_long_with_a_length_fn(tmp_path):
     lengths = {r.id: 10 + 100 * (r.image is not None) for r in good}
     report = check.check_records(good, tmp_path / "images_dl", workers=1, progress=False,
                                  length_fn=lambda r: lengths[r.id], max_length=50)
-    assert sorted(i for i, r, _ in report.bad if r == "too_long") == sorted(i for i, n in lengths.items() if n > 50)
+    assert sorted(r.id for r in report.bad if r.reason == "too_long") == sorted(i for i, n in lengths.items() if n > 50)
     assert [r.image for r in report.usable] == [None, None]
 
 

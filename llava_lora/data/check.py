@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import field, image_dir_field, split_field
-from ..errors import UsageError
+from ..errors import BadRecord, Rejected, UsageError
 from .images import check_image, resolve_image
-from .records import BadRecord, Record, duplicate_ids, load_records, resolve_data
+from .records import Record, duplicate_ids, load_records, resolve_data
 
 PRINT_LIMIT = 50  # bad records printed; the rest are in --json
 CHUNK = 256  # images per pool task: large enough to amortise pickling, small enough for a live progress bar
@@ -56,18 +56,18 @@ class CheckConfig:
 
 @dataclass
 class CheckReport:
-    """What a check found: ``bad`` holds (id, reason, detail); ``usable`` the records that passed, in order;
+    """What a check found: ``bad`` the records rejected; ``usable`` the records that passed, in order;
     ``duplicates`` {id: count} for ids that several parsed records carry."""
 
     total: int
-    bad: list[tuple[str, str, str]]
+    bad: list[Rejected]
     usable: list[Record]
     duplicates: dict[str, int] = dc_field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
         """Bad records per reason, most frequent first."""
-        return dict(Counter(reason for _, reason, _ in self.bad).most_common())
+        return dict(Counter(r.reason for r in self.bad).most_common())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,35 +75,35 @@ class CheckReport:
             "usable": len(self.usable),
             "bad_count": len(self.bad),
             "counts": self.counts,
-            "bad": [{"id": i, "reason": r, "detail": d} for i, r, d in self.bad],
+            "bad": [r.as_dict() for r in self.bad],
             "duplicate_ids": self.duplicates,
         }
 
 
-def _check_images(root: str, items: Sequence[tuple[int, str]]) -> list[tuple[int, str, str]]:
-    """(index, reason, detail) for each image in ``items`` that cannot be resolved or decoded."""
-    out = []
+def _check_images(root: str, items: Sequence[tuple[int, str]]) -> dict[int, BadRecord]:
+    """{index: why} for each image in ``items`` that cannot be resolved or decoded."""
+    out = {}
     for index, rel in items:
         try:
             check_image(resolve_image(root, rel))
         except BadRecord as e:
-            out.append((index, e.reason, e.detail))
+            out[index] = e
     return out
 
 
-def _image_failures(images: list[str], root: Path, workers: int, progress: bool) -> dict[int, tuple[str, str]]:
-    """{index into ``images``: (reason, detail)}, decoding in ``workers`` processes."""
+def _image_failures(images: list[str], root: Path, workers: int, progress: bool) -> dict[int, BadRecord]:
+    """{index into ``images``: why}, decoding in ``workers`` processes."""
     from tqdm import tqdm
 
     items = list(enumerate(images))
     workers = workers or os.cpu_count() or 1
-    found: dict[int, tuple[str, str]] = {}
+    found: dict[int, BadRecord] = {}
     bar = tqdm(total=len(items), unit="img", desc="images", disable=not progress or None, file=sys.stderr)
     with bar:
         if workers == 1 or len(items) < MIN_POOL:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start:start + CHUNK]
-                found.update({i: (r, d) for i, r, d in _check_images(str(root), chunk)})
+                found.update(_check_images(str(root), chunk))
                 bar.update(len(chunk))
             return found
         # spawn, not fork: the caller may hold threads (tqdm, torch) that fork would copy half-locked.
@@ -111,7 +111,7 @@ def _image_failures(images: list[str], root: Path, workers: int, progress: bool)
             futures = {pool.submit(_check_images, str(root), items[s:s + CHUNK]): min(CHUNK, len(items) - s)
                        for s in range(0, len(items), CHUNK)}
             for fut in as_completed(futures):
-                found.update({i: (r, d) for i, r, d in fut.result()})
+                found.update(fut.result())
                 bar.update(futures[fut])
     return found
 
@@ -129,7 +129,7 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
     failures = _image_failures(images, root, workers, progress)
     failed = {images[i]: why for i, why in failures.items()}
 
-    bad: list[tuple[str, str, str]] = []
+    bad: list[Rejected] = []
     usable: list[Record] = []
     for rec in _maybe_progress(records, progress and length_fn is not None, "lengths"):
         why = failed.get(rec.image) if rec.image is not None else None
@@ -138,19 +138,19 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
         if why is None:
             usable.append(rec)
         else:
-            bad.append((rec.id, why[0], why[1]))
+            bad.append(why.rejected(rec.id))
     return CheckReport(total=len(records), bad=bad, usable=usable, duplicates=duplicate_ids(list(records)))
 
 
-def _length_verdict(length_fn: Callable[[Record], int], rec: Record, max_length: int) -> tuple[str, str] | None:
-    """(reason, detail) when ``rec`` does not fit ``max_length`` or cannot be tokenised at all."""
+def _length_verdict(length_fn: Callable[[Record], int], rec: Record, max_length: int) -> BadRecord | None:
+    """Why ``rec`` does not fit ``max_length`` or cannot be tokenised at all; None when it fits."""
     try:
         n = length_fn(rec)
     except BadRecord as e:  # e.g. empty_supervision: the chat template marks no answer token
-        return e.reason, e.detail
+        return e
     except Exception as e:  # the tokenizer's own failure on this record: its reason, not the check's end
-        return "encode_failed", f"{type(e).__name__}: {e}"
-    return ("too_long", f"{n} tokens > max_length {max_length}") if n > max_length else None
+        return BadRecord("encode_failed", f"{type(e).__name__}: {e}")
+    return BadRecord("too_long", f"{n} tokens > max_length {max_length}") if n > max_length else None
 
 
 def _maybe_progress(records: Sequence[Record], show: bool, desc: str) -> Iterable[Record]:
@@ -188,8 +188,8 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
     for reason, n in report.counts.items():
         print(f"  {reason:<{width}}  {n:,}", file=out)
     print("bad records:", file=out)
-    for rid, reason, detail in report.bad[:limit]:
-        print(f"  {rid}  {reason}  {detail}", file=out)
+    for r in report.bad[:limit]:
+        print(f"  {r.id}  {r.reason}  {r.detail}", file=out)
     if len(report.bad) > limit:
         print(f"  … and {len(report.bad) - limit:,} more (see --json)", file=out)
 

@@ -2,7 +2,7 @@
 command: data check, train, eval, generate and the demo all open images here.
 
     path = resolve_image(root, rec.image)            # BadRecord if it escapes root, is missing or not a file
-    kept, bad = locate_records(records, root)        # the same verdict for a whole data set, by stat: no decode
+    kept, bad = locate_records(records, root)        # the same verdict for a data set, by stat: bad is [Rejected]
     img = open_image(path)                           # RGB, EXIF orientation applied, fully decoded, or BadRecord
     check_image(path)                                # open_image's verdict, faster (data check)
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRecord
+from ..errors import BadRecord, Rejected
 
 # Decoded-pixel limit: a 50 MP image is ~150 MB as RGB; anything larger is a mistake or a decompression bomb.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -77,8 +77,8 @@ def _locate(real_root: str, root: Path, rel: str) -> BadRecord | None:
     return None
 
 
-def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any], list[tuple[str, str, str]]]:
-    """(records whose image is a file under ``root`` or who have none, [(id, reason, detail)] for the others).
+def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any], list[Rejected]]:
+    """(records whose image is a file under ``root`` or who have none, a ``Rejected`` for each other).
 
     A stat per distinct image, no decoding: training drops these before step 1, so that the sampler never draws
     a record that cannot load. Files that exist but do not decode are found later, when a worker opens them.
@@ -93,7 +93,7 @@ def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any],
                 verdicts[rec.image] = _locate(real_root, root, rec.image)
             why = verdicts[rec.image]
             if why is not None:
-                bad.append((rec.id, why.reason, why.detail))
+                bad.append(why.rejected(rec.id))
                 continue
         kept.append(rec)
     return kept, bad

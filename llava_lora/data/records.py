@@ -4,7 +4,7 @@ A record on disk: ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "
 ("role" is accepted for "from", "user"/"assistant" for the speakers, "content" for "value"). ``<image>``
 stands at the start or the end of the first human turn.
 
-    records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [(id, reason, detail), ...]
+    records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [Rejected(id, reason, detail), ...]
     duplicate_ids(records)                                        # {id: count} of ids used more than once
 
 Record reasons (``BadRecord.reason``): invalid_json (one garbled JSONL line, named "line N"), not_an_object,
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRecord, UsageError
+from ..errors import BadRecord, Rejected, UsageError
 # Images live in images.py; these names stay importable from here.
 from .images import IMAGE_REASONS, MAX_IMAGE_PIXELS, check_image, open_image, resolve_image  # noqa: F401
 
@@ -332,14 +332,14 @@ def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Recor
     return Record(rid, image, tuple(out), image_first)
 
 
-def load_records(path: str | Path) -> tuple[list[Record], list[tuple[str, str, str]]]:
-    """(good records, [(id, reason, detail)] for the bad ones) of a JSON or JSONL file.
+def load_records(path: str | Path) -> tuple[list[Record], list[Rejected]]:
+    """(good records, a ``Rejected`` for each bad one) of a JSON or JSONL file.
 
     A garbled JSONL line is the bad record ``line N`` (reason ``invalid_json``); a file in which no line parses
     is not JSONL at all: UsageError.
     """
     good: list[Record] = []
-    bad: list[tuple[str, str, str]] = []
+    bad: list[Rejected] = []
     cache: dict[str, Turn] = {}
     first_bad_line: BadLine | None = None
     parsed = 0
@@ -350,13 +350,13 @@ def load_records(path: str | Path) -> tuple[list[Record], list[tuple[str, str, s
         for index, raw in enumerate(iter_raw(path, lenient=True)):
             if isinstance(raw, BadLine):
                 first_bad_line = first_bad_line or raw
-                bad.append((f"line {raw.line}", "invalid_json", raw.message))
+                bad.append(Rejected(f"line {raw.line}", "invalid_json", raw.message))
                 continue
             parsed += 1
             try:
                 good.append(parse_record(raw, index, cache))
             except BadRecord as e:
-                bad.append((record_id(raw, index), e.reason, e.detail))
+                bad.append(e.rejected(record_id(raw, index)))
     finally:
         if was_enabled:
             gc.enable()
