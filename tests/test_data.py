@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -16,12 +17,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from data_fixtures import BAD_DATASET_GOOD_IDS, write_bad_dataset, write_good_dataset
+import llava_lora
 from llava_lora import cli
 from llava_lora.data import check, synth
 from llava_lora.data.records import (
     BadRecord, Record, Turn, check_image, load_records, open_image, parse_record, read_raw, resolve_data, resolve_image,
 )
-from llava_lora.errors import UsageError
+from llava_lora.errors import REASONS, Rejected, UsageError
+from llava_lora.train import _REMEDIES
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -67,6 +70,41 @@ def test_parse_record_reasons(raw, reason):
         parse_record(raw, 7)
     assert err.value.reason == reason
     assert err.value.detail  # says what was found
+
+
+def _reason_codes_in_the_package() -> tuple[set[str], set[str]]:
+    """(codes given to BadRecord/Rejected or written as a report's "reason", codes a ``.reason`` is compared to)
+    anywhere in llava_lora/, read from the source."""
+    given, compared = set(), set()
+    for path in Path(llava_lora.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = getattr(node, "func", None)
+            called = getattr(called, "id", getattr(called, "attr", None))
+            if isinstance(node, ast.Call) and called in ("BadRecord", "Rejected"):
+                pos = 0 if called == "BadRecord" else 1  # BadRecord(reason, ...), Rejected(id, reason, ...)
+                args = node.args[pos:pos + 1] + [k.value for k in node.keywords if k.arg == "reason"]
+                given |= {a.value for a in args if isinstance(a, ast.Constant)}
+            elif isinstance(node, ast.Dict):
+                given |= {v.value for k, v in zip(node.keys, node.values)
+                          if isinstance(k, ast.Constant) and k.value == "reason" and isinstance(v, ast.Constant)}
+            elif isinstance(node, ast.Compare) and getattr(node.left, "attr", None) == "reason":
+                compared |= {c.value for c in node.comparators if isinstance(c, ast.Constant)}
+    return given, compared
+
+
+def test_every_reason_code_is_declared_once_and_given_somewhere():
+    given, compared = _reason_codes_in_the_package()
+    assert len(REASONS) == len(set(REASONS))
+    assert given == set(REASONS)  # nothing undeclared is given, and nothing declared is dead
+    assert compared <= set(REASONS) and set(_REMEDIES) <= set(REASONS)
+
+
+def test_an_undeclared_reason_is_refused():
+    with pytest.raises(ValueError, match="not declared"):
+        BadRecord("bad_vibes", "x")
+    with pytest.raises(ValueError, match="not declared"):
+        Rejected("a", "bad_vibes")
+    assert BadRecord("missing_image", "a.png").rejected("a", 3) == Rejected("a", "missing_image", "a.png", 3)
 
 
 def test_placeholder_at_start_and_end_is_stripped_with_its_whitespace():

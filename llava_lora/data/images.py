@@ -6,10 +6,8 @@ command: data check, train, eval, generate and the demo all open images here.
     img = open_image(path)                           # RGB, EXIF orientation applied, fully decoded, or BadRecord
     check_image(path)                                # open_image's verdict, faster (data check)
 
-Reasons (``BadRecord.reason``): image_path_escapes_root, missing_image, not_a_file, empty_image,
-unreadable_image, not_an_image, truncated_image, undecodable_image, image_too_large, extreme_aspect_ratio,
-unsupported_image_mode; ``preprocess_failed`` is given by the callers whose image processor refuses pixels
-that decoded.
+Reasons (``BadRecord.reason``): ``errors.IMAGE_REASONS``; of them, ``preprocess_failed`` is given by the
+callers whose image processor refuses pixels that decoded.
 """
 
 from __future__ import annotations
@@ -29,12 +27,6 @@ MAX_IMAGE_PIXELS = 50_000_000
 # 1x4000 image becomes 336x1,344,000 pixels (1.35 GB, 24 s on one core) to keep a 336x336 crop of its middle.
 MAX_ASPECT_RATIO = 20
 ORIENTATION = 0x0112  # the EXIF tag
-
-IMAGE_REASONS = (
-    "image_path_escapes_root", "missing_image", "not_a_file", "empty_image", "unreadable_image", "not_an_image",
-    "truncated_image", "undecodable_image", "image_too_large", "extreme_aspect_ratio", "unsupported_image_mode",
-    "preprocess_failed",
-)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ stands at the start or the end of the first human turn.
     records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [Rejected(id, reason, detail), ...]
     duplicate_ids(records)                                        # {id: count} of ids used more than once
 
-Record reasons (``BadRecord.reason``): invalid_json (one garbled JSONL line, named "line N"), not_an_object,
-missing_id, bad_image_field, multiple_images, no_conversations, bad_turn, unknown_speaker, non_string_text,
-turns_out_of_order, no_assistant_answer, image_token_mismatch. Image reasons: see ``images.py``.
+A bad record's reason is one of ``errors.RECORD_REASONS`` (``invalid_json``: a garbled JSONL line, named
+"line N"); its image's, one of ``errors.IMAGE_REASONS`` (see ``images.py``).
 
 Duplicate ids are reported (``data check``, train's data report) and the records still used: LLaVA mixtures
 repeat ids across their sources, and each record is a sample in its own right.
@@ -31,7 +30,7 @@ from typing import Any
 
 from ..errors import BadRecord, Rejected, UsageError
 # Images live in images.py; these names stay importable from here.
-from .images import IMAGE_REASONS, MAX_IMAGE_PIXELS, check_image, open_image, resolve_image  # noqa: F401
+from .images import MAX_IMAGE_PIXELS, check_image, open_image, resolve_image  # noqa: F401
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -49,11 +48,6 @@ class Record:
     turns: tuple[Turn, ...]  # alternating, starting with "user", ending with "assistant"
     image_first: bool = True  # True: <image> stood before the first user text; False: after it
 
-
-RECORD_REASONS = (
-    "not_an_object", "missing_id", "bad_image_field", "multiple_images", "no_conversations", "bad_turn",
-    "unknown_speaker", "non_string_text", "turns_out_of_order", "no_assistant_answer", "image_token_mismatch",
-)
 
 # ---------------------------------------------------------------------------------------------------------
 # Where the data is
@@ -306,7 +300,7 @@ def _strip_placeholder(turns: list[tuple[str, str]], has_image: bool) -> tuple[s
 
 
 def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Record:
-    """One raw record -> Record, or ``BadRecord(reason, detail)`` (reasons in the module docstring).
+    """One raw record -> Record, or ``BadRecord(reason, detail)`` (a reason of ``errors.RECORD_REASONS``).
 
     ``_turn_cache`` shares equal user Turns between records: CC3M asks the same ~11 questions 595K times.
     """
