@@ -19,7 +19,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -27,14 +26,14 @@ from . import __version__, layout, templates
 from .config import field
 from .errors import UsageError
 from .outdirs import OVERWRITE_HELP, check_out, make_readable, move_into_place
-from .modeling import format_param_stats, format_table, param_stats, quiet_transformers, resolve_dtype
+from .modeling import DtypeName, format_param_stats, format_table, param_stats, quiet_transformers, resolve_dtype
 
 @dataclass
 class BuildConfig:
     llm: str = field(help="chat causal LM: hub id or local folder")
     vision: str = field(help="CLIP or SigLIP checkpoint (full or vision-only): hub id or local folder")
     out: str = field(help="MODEL_DIR to write")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+    dtype: DtypeName = field(
         "auto", help="dtype of the composed model; auto: the LLM's own dtype")
     chat_template: str | None = field(None, help="Jinja chat template file, for an LLM that has none")
     image_token: str = field("<image>", help="the image placeholder token added to the tokenizer")

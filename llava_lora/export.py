@@ -34,9 +34,9 @@ from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
 from .outdirs import OVERWRITE_HELP, check_out, make_readable, move_into_place
 from .inference import GenerationSettings, prepare_inputs
+from .modeling import DTYPES, DtypeName, checkpoint_dtype, dtype_name, is_half
 
 EXPORT_FILE = "export.json"
-HALF = ("bfloat16", "float16")
 # Largest next-token logit change the merge may cause, relative to the largest |logit|: float32 must be exact;
 # in half precision the merged weights are rounded once more, which moves logits ~1% (bf16 keeps 8 bits).
 LOGIT_TOLERANCE = {"float32": 1e-4, "half": 0.05}
@@ -48,8 +48,7 @@ class ExportConfig:
     model: str = field(help="MODEL_DIR the adapter was trained on")
     adapter: str = field(help="RUN_DIR (or a checkpoint folder) holding the adapter")
     out: str = field(help="MERGED_DIR to write")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        "auto", help="dtype of MERGED_DIR (auto: MODEL_DIR's, as saved in its config.json)")
+    dtype: DtypeName = field("auto", help="dtype of MERGED_DIR (auto: MODEL_DIR's, as saved in its config.json)")
     data: str | None = field(None, help="samples for the self-check; none: synthetic shape images")
     split: str | None = split_field()
     image_dir: str | None = image_dir_field()
@@ -60,20 +59,13 @@ class ExportConfig:
     overwrite: bool = field(False, help=OVERWRITE_HELP)
     format: Literal["safetensors", "gguf"] = field(
         "safetensors", help="gguf: also write llama.cpp/Ollama files (LM, mmproj, Modelfile) into MERGED_DIR")
-    gguf_type: Literal["f16", "bf16", "q8_0"] = field("q8_0", help="weight type of the GGUF language model")
+    gguf_type: Literal[gguf_export.LM_TYPES] = field("q8_0", help="weight type of the GGUF language model")
     device: str | None = device_field()
 
     def __post_init__(self) -> None:
         if self.check_samples < 0 or self.check_tokens < 1:
             raise UsageError(f"--check-samples must be >= 0 and --check-tokens >= 1, got {self.check_samples} "
                              f"and {self.check_tokens}")
-
-
-def saved_dtype(model_dir: str | Path) -> str:
-    """The dtype MODEL_DIR's weights were saved in, as a name (``bfloat16``)."""
-    from .modeling import checkpoint_dtype, dtype_name
-
-    return dtype_name(checkpoint_dtype(model_dir))
 
 
 def self_check_samples(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
@@ -143,7 +135,7 @@ def self_check(expected: Probe | list[str], got: Probe | list[str], records: lis
     pairs = [{"id": r.id, "base+adapter": e, "merged": g} for r, e, g in zip(records, exp_answers, got_answers)]
     equal = sum(e == g for e, g in zip(exp_answers, got_answers))
     result: dict[str, Any] = {"samples": len(pairs), "equal": equal, "answers": pairs}
-    half = dtype in HALF
+    half = is_half(dtype)
     drift = None
     if isinstance(expected, Probe) and isinstance(got, Probe):
         scale = float(expected.logits.abs().max()) or 1.0
@@ -188,16 +180,14 @@ def merge_in_place(model):
 def main(cfg: ExportConfig) -> int:
     import time
 
-    import torch
-
     from .modeling import default_device, load_model
 
     start = time.perf_counter()
     out = Path(cfg.out)
     check_out(out, cfg.overwrite)
     src = adapter_dir(cfg.adapter)
-    dtype_name = saved_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
-    dtype = getattr(torch, dtype_name)
+    dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    name = dtype_name(dtype)
     device = cfg.device or default_device()
     records, images = self_check_samples(cfg) if cfg.check_samples else ([], [])
 
@@ -206,11 +196,10 @@ def main(cfg: ExportConfig) -> int:
     layers = len(wrapped_modules(model))
     merged = merge_in_place(model)
     del model
-    print(f"merged {layers} LoRA layers and the projector of {src} into the {dtype_name} weights")
+    print(f"merged {layers} LoRA layers and the projector of {src} into the {name} weights")
     check = None
     if records:
-        check = self_check(expected, probe(merged, processor, records, images, cfg.check_tokens), records,
-                           dtype_name)
+        check = self_check(expected, probe(merged, processor, records, images, cfg.check_tokens), records, name)
     for sub in (merged.config, merged.config.text_config, merged.config.vision_config):
         sub.dtype = dtype  # the saved config must name what is on disk
 
@@ -221,7 +210,7 @@ def main(cfg: ExportConfig) -> int:
         copy_processor(Path(cfg.model), tmp)
         meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
                                 "base_fingerprint": fingerprint(cfg.model), "adapter": str(src.resolve()),
-                                "dtype": dtype_name}
+                                "dtype": name}
         if check is not None:
             meta["self_check"] = check
         if cfg.format == "gguf":  # from the checked folder, so the GGUF files hold what the self-check ran
@@ -232,6 +221,6 @@ def main(cfg: ExportConfig) -> int:
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} ({dtype_name}) in {time.perf_counter() - start:.0f} s; load it with "
+    print(f"wrote {out} ({name}) in {time.perf_counter() - start:.0f} s; load it with "
           f"LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
     return 0

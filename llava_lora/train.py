@@ -41,8 +41,8 @@ from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
 from .outdirs import make_readable, move_into_place
-from .modeling import (PRECISION_DTYPES, default_device, format_param_stats, param_stats, quiet_transformers,
-                       train_precision)
+from .modeling import (PRECISION_DTYPES, PrecisionName, default_device, dtype_name, format_param_stats, param_stats,
+                       quiet_transformers, train_precision)
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
@@ -87,7 +87,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
     max_grad_norm: float = field(0.3, help="gradient clipping norm")
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+    precision: PrecisionName = field(
         "auto", help="compute and frozen-weight precision; auto: bf16 on a GPU that has it and on a CPU (native "
                      "there with AVX512-BF16/AMX, else emulated but half the memory), else fp32")
     max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their "
@@ -659,7 +659,7 @@ class Recipe:
         print(f"training {cfg.model} on {self.data_file} ({len(self.records)} records, {len(self.parse_errors)} "
               f"rejected) -> {self.run_dir}")
         print(f"precision {self.precision} on {self.device} ({self.precision_why}): frozen weights in "
-              f"{str(PRECISION_DTYPES[self.precision]).removeprefix('torch.')}, trained ones (LoRA, projector) in "
+              f"{dtype_name(PRECISION_DTYPES[self.precision])}, trained ones (LoRA, projector) in "
               "float32")
         print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
               f"fused loss {'on' if self.fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize "
