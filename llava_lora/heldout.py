@@ -19,6 +19,7 @@ import torch
 from .batches import Collator, TrainDataset
 from .data.records import Record, load_records, resolve_data
 from .errors import Rejected, UsageError
+from .loss import LlavaLoss
 
 
 def share(spec: str | None) -> float | None:
@@ -85,7 +86,6 @@ def model_loss(model, processor, records: list[Record], image_root: Path, batch_
     computes it: what ``llava-lora eval`` reports beside its metrics."""
     from .inference import adapter_switch
     from .prompts import DEFAULT_MAX_LENGTH, image_tokens_per_image
-    from .train import LlavaLoss
 
     dataset = TrainDataset(records, image_root, processor, model.config.image_token_id,
                            image_tokens_per_image(model.config), DEFAULT_MAX_LENGTH)
