@@ -92,3 +92,29 @@ def test_every_function_reads_in_one_screen():
                     long[f"{name}.{node.name}"] = lines
     assert set(long) == LONG_EXCEPTIONS, long
 
+
+def _layout_modules(readme: str) -> list[str]:
+    """The module files README.md's Layout section lists under llava_lora/ (``data/records.py`` for a nested one),
+    read from each line's first column: names indented under a folder belong to it."""
+    block = readme.split("## Layout\n", 1)[1].split("```\n")[1]
+    lines = block.splitlines()
+    start = lines.index("llava_lora/") + 1
+    names, folders = [], {}
+    for line in lines[start:]:
+        if not line.startswith(" "):
+            break  # the next top-level folder
+        depth = (len(line) - len(line.lstrip())) // 2
+        name = line.split()[0]
+        folders = {d: f for d, f in folders.items() if d < depth}
+        if name.endswith("/"):
+            folders[depth] = name
+        elif name.endswith(".py"):
+            names.append("".join(folders[d] for d in sorted(folders)) + name)
+    return names
+
+
+def test_the_readme_layout_names_every_module_once():
+    listed = _layout_modules((PACKAGE.parent / "README.md").read_text())
+    on_disk = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert len(listed) == len(set(listed)), "a module listed twice"
+    assert set(listed) == on_disk
