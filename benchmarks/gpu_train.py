@@ -16,7 +16,7 @@ and CLIP's ``position_ids``).
 
 Training step: the one of ``llava-lora train`` on a GPU. bf16 frozen weights, LoRA r=4 / alpha 8 / dropout 0.05 on
 the language model's q_proj/v_proj (``llava_lora.adapters.apply_lora``), the projector trained in full, fp32
-master copies of what is trained, AdamW with train's two parameter groups, bf16 autocast, ``llava_lora.train.
+master copies of what is trained, AdamW with train's two parameter groups, bf16 autocast, ``llava_lora.loss.
 LlavaLoss`` (vision tower under no_grad, lm_head on supervised positions only), gradient clipping at 0.3, and
 gradient checkpointing of the language model enabled the way train enables it, and train's fast-path helpers:
 ``train._model_inputs`` (a right-padded batch goes without its attention mask, so the kernels take their causal
@@ -308,7 +308,8 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int, reps: int = 50, tria
 def run_setting(s: Shape, config, batch: dict, gc_on: bool, device: str, steps: int, warmup: int,
                 seed: int, fast: dict) -> tuple[dict, dict]:
     """Build, wrap and train for warmup + steps; return the measurements and the parameter counts."""
-    from llava_lora.train import LlavaLoss, make_optimizer
+    from llava_lora.loss import LlavaLoss
+    from llava_lora.train import make_optimizer
 
     # as train's _load_model on cuda; the --device cpu run is an fp32 check of the code path (train itself runs bf16
     # on a CPU since issue 11)

@@ -138,7 +138,7 @@ def task_rows(data: str, split: str | None, image_dir: str | None) -> tuple[list
 
     file, image_root = resolve_data(data, split, image_dir)
     records, bad = load_records(file)
-    rows, left_out = [], [f"{rid}: {reason}" for rid, reason, _ in bad]
+    rows, left_out = [], [f"{r.id}: {r.reason}" for r in bad]
     for rec in records:
         try:
             image = str(resolve_image(image_root, rec.image)) if rec.image is not None else None

@@ -2,8 +2,8 @@
 into a batch, and the resumable sampler orders them (every record in every epoch).
 
 A record that turns out bad here (image unreadable, undecodable or refused by the image processor, answer
-empty after tokenisation, too long) becomes a *skip* that travels with the batch to the training loop, which
-reports it and adds its index to the set that ``DropFailed`` keeps out of later batches; the run goes on.
+empty after tokenisation, too long) becomes a ``Rejected`` that travels with the batch to the training loop,
+which reports it and adds its index to the set that ``DropFailed`` keeps out of later batches; the run goes on.
 """
 
 from __future__ import annotations
@@ -17,24 +17,17 @@ import torch
 
 from . import prompts
 from .data.images import open_image, resolve_image
-from .data.records import BadRecord, Record
-
-
-@dataclass(frozen=True)
-class Skip:
-    id: str
-    reason: str
-    detail: str
-    index: int = -1  # position in the dataset's records (ids need not be unique)
+from .data.records import Record
+from .errors import BadRecord, Rejected
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """``records[i]`` -> dict(input_ids, labels, pixel_values | None), or a ``Skip``."""
+    """``records[i]`` -> dict(input_ids, labels, pixel_values | None), or a ``Rejected`` (its ``index`` is i)."""
 
     def __init__(self, records: list[Record], image_root: Path | list[Path], processor, image_token_id: int,
                  image_tokens: int, max_length: int | None, sources: list[str] | None = None):
         self.records = records
-        # one image root, or one per record (a mixture); ``sources`` names each record's source in its skip
+        # one image root, or one per record (a mixture); ``sources`` names each record's source in its rejection
         self.roots = image_root if isinstance(image_root, list) else None
         self.image_root = None if self.roots is not None else Path(image_root)
         self.sources = sources
@@ -47,15 +40,15 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict | Skip:
+    def __getitem__(self, i: int) -> dict | Rejected:
         rec = self.records[i]
         try:
             enc = prompts.encode(self.tokenizer, rec, self.image_token_id, self.image_tokens, self.max_length)
             root = self.roots[i] if self.roots is not None else self.image_root
             pixels = None if rec.image is None else self._pixels(root, rec.image)
         except BadRecord as e:
-            detail = e.detail if self.sources is None else f"{e.detail} (source {self.sources[i]})"
-            return Skip(rec.id, e.reason, detail, i)
+            rejected = e.rejected(rec.id, i)
+            return rejected if self.sources is None else rejected.with_source(self.sources[i])
         return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
 
     def _pixels(self, root: Path, rel: str) -> torch.Tensor:
@@ -69,7 +62,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Collator:
-    """Right-pads a list of samples into one batch; skips travel alongside.
+    """Right-pads a list of samples into one batch; rejected records travel alongside.
 
     Example (batch of 2: one image record of 5 text tokens + 16 image tokens, one text-only record of 7)::
 
@@ -77,14 +70,14 @@ class Collator:
         attention_mask [2, 21] int64   1 on real tokens
         labels         [2, 21] int64   answer tokens and their end-of-turn; -100 elsewhere (pads included)
         pixel_values   [1, 3, 336, 336] one image per record that has one, in batch order (None if none)
-        skipped        [Skip("GCC_train_1", "truncated_image", "...")]
+        skipped        [Rejected("GCC_train_1", "truncated_image", "...", 7)]
     """
 
     pad_token_id: int
 
-    def __call__(self, items: list[dict | Skip]) -> dict:
-        samples = [x for x in items if not isinstance(x, Skip)]
-        skipped = [x for x in items if isinstance(x, Skip)]
+    def __call__(self, items: list[dict | Rejected]) -> dict:
+        samples = [x for x in items if not isinstance(x, Rejected)]
+        skipped = [x for x in items if isinstance(x, Rejected)]
         if not samples:
             return {"input_ids": None, "skipped": skipped, "n_samples": 0}
         width = max(len(s["input_ids"]) for s in samples)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
 
@@ -27,15 +27,16 @@ from . import __version__, layout, templates
 from .config import field
 from .errors import UsageError
 from .outdirs import OVERWRITE_HELP, check_out, make_readable, move_into_place
-from .modeling import format_param_stats, format_table, param_stats, quiet_transformers, resolve_dtype
+from .modeling import (DtypeName, dtype_name, format_param_stats, format_table, param_stats, quiet_transformers,
+                       resolve_dtype)
+
 
 @dataclass
 class BuildConfig:
     llm: str = field(help="chat causal LM: hub id or local folder")
     vision: str = field(help="CLIP or SigLIP checkpoint (full or vision-only): hub id or local folder")
     out: str = field(help="MODEL_DIR to write")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        "auto", help="dtype of the composed model; auto: the LLM's own dtype")
+    dtype: DtypeName = field("auto", help="dtype of the composed model; auto: the LLM's own dtype")
     chat_template: str | None = field(None, help="Jinja chat template file, for an LLM that has none")
     image_token: str = field("<image>", help="the image placeholder token added to the tokenizer")
     vision_feature_layer: int = field(-2, help="vision tower layer whose features feed the projector")
@@ -152,17 +153,24 @@ def _end_of_turn_ids(tokenizer, llm_generation_config) -> list[int]:
     return ids
 
 
-def compose(cfg: BuildConfig, workdir: Path) -> dict:
-    """Write the composed checkpoint into ``workdir``; return what the report needs to check it."""
-    import transformers
-    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
-    from tokenizers import AddedToken
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+@dataclass
+class _Sources:
+    """What the two sources say, checked before any weight loads."""
+
+    vision_config: Any
+    vision_family: str  # a key of VISION_FAMILIES
+    tokenizer: Any
+    template: str  # the LLM's chat template
+    llava_template: str  # the composed model's, proven to mark exactly the answers
+    src_dtype: torch.dtype  # the LLM's, as saved
+    dtype: torch.dtype  # the composed model's
+
+
+def _read_sources(cfg: BuildConfig) -> _Sources:
+    from transformers import AutoTokenizer
 
     llm_cfg = _llm_config(cfg.llm)
     vision_cfg, vision_family = _vision_config(cfg.vision)
-    tower_class, strategy, extra_tokens = VISION_FAMILIES[vision_family]
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     template = _chat_template(tokenizer, cfg.llm, cfg.chat_template)
     llava_template = _trainable_template(tokenizer, template, cfg)
@@ -172,14 +180,26 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
     src_dtype = getattr(llm_cfg, "dtype", None) or torch.float32
     src_dtype = getattr(torch, src_dtype) if isinstance(src_dtype, str) else src_dtype
     dtype = src_dtype if cfg.dtype == "auto" else resolve_dtype(cfg.dtype)
+    return _Sources(vision_cfg, vision_family, tokenizer, template, llava_template, src_dtype, dtype)
 
+
+def _load_weights(cfg: BuildConfig, src: _Sources):
+    """(the LLM, the vision tower, its image processor), in the composed model's dtype."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoModelForCausalLM
+
+    tower_class = VISION_FAMILIES[src.vision_family][0]
     with quiet_transformers():  # CLIPModel's text tower is skipped on purpose: no "UNEXPECTED keys" table
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
-        vision = getattr(transformers, tower_class).from_pretrained(cfg.vision, dtype=dtype)
-    image_processor = AutoImageProcessor.from_pretrained(cfg.vision, backend="pil")
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=src.dtype)
+        vision = getattr(transformers, tower_class).from_pretrained(cfg.vision, dtype=src.dtype)
+    return llm, vision, AutoImageProcessor.from_pretrained(cfg.vision, backend="pil")
 
-    tokenizer.add_tokens([AddedToken(cfg.image_token, special=True, normalized=False)], special_tokens=True)
-    image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+
+def _add_image_token(tokenizer, llm, image_token: str) -> tuple[int, int, bool]:
+    """(the image token's id, the LLM's embedding rows before, whether they grew); a pad token is set too."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     src_rows = llm.get_input_embeddings().weight.shape[0]
     resized = len(tokenizer) > src_rows
     if resized:  # new rows from the mean and covariance of the old ones (transformers' mean_resizing)
@@ -187,64 +207,103 @@ def compose(cfg: BuildConfig, workdir: Path) -> dict:
             llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
     if tokenizer.pad_token is None:  # batched generation pads; labels come from assistant masks, not pad ids
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.convert_tokens_to_ids(image_token), src_rows, resized
 
-    base = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.base_model
-    lm_head = llm.get_output_embeddings()
-    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
-    n_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2  # patches (CLIP's CLS dropped)
+
+def _llava_config(cfg: BuildConfig, src: _Sources, llm, image_token_id: int, tied: bool):
+    from transformers import LlavaConfig
+
+    vision_cfg = src.vision_config
     config = LlavaConfig(
         vision_config=vision_cfg.to_dict(), text_config=llm.config.to_dict(), image_token_id=image_token_id,
-        image_seq_length=n_image_tokens, vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=strategy, projector_hidden_act=cfg.projector_hidden_act,
-        tie_word_embeddings=tied,
+        image_seq_length=(vision_cfg.image_size // vision_cfg.patch_size) ** 2,  # patches (CLIP's CLS dropped)
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=VISION_FAMILIES[src.vision_family][1],
+        projector_hidden_act=cfg.projector_hidden_act, tie_word_embeddings=tied,
     )
-    config.dtype = dtype
+    config.dtype = src.dtype
+    return config
 
-    emb_keys = ("embed_tokens.weight",)
-    base_state, vision_state = base.state_dict(), vision.state_dict()
-    expected = {}
-    expected.update(_source_digests("model.language_model.", base_state, src_rows if resized else None, emb_keys))
-    expected.update(_source_digests("model.vision_tower.", vision_state))
+
+def _decoder(llm):
+    return llm.get_decoder() if hasattr(llm, "get_decoder") else llm.base_model
+
+
+def _expected_digests(llm, vision, rows: int | None, tied: bool) -> dict[str, tuple[str, int | None]]:
+    """What ``verify`` compares after reloading: composed key -> digest of each source tensor (of its first
+    ``rows`` rows for a resized embedding)."""
+    expected = _source_digests("model.language_model.", _decoder(llm).state_dict(), rows, ("embed_tokens.weight",))
+    expected.update(_source_digests("model.vision_tower.", vision.state_dict()))
     if not tied:
-        expected.update(_source_digests("", {"lm_head.weight": lm_head.weight}, src_rows if resized else None,
-                                        ("lm_head.weight",)))
+        lm_head = {"lm_head.weight": llm.get_output_embeddings().weight}
+        expected.update(_source_digests("", lm_head, rows, ("lm_head.weight",)))
+    return expected
 
+
+def _assemble(config, llm, vision, tied: bool, seed: int):
+    """The LLaVA model, built on meta and holding the sources' own tensors (no copy), with a fresh projector."""
+    from transformers import LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    base = _decoder(llm)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    _adopt(model.model.language_model, base, base_state)
-    _adopt(model.model.vision_tower, vision, vision_state)
-    torch.manual_seed(cfg.seed)
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    _adopt(model.model.language_model, base, base.state_dict())
+    _adopt(model.model.vision_tower, vision, vision.state_dict())
+    torch.manual_seed(seed)
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(config.dtype)
     if tied:
         model.tie_weights()
     else:
-        model.lm_head.load_state_dict({"weight": lm_head.weight}, assign=True, strict=True)
+        model.lm_head.load_state_dict({"weight": llm.get_output_embeddings().weight}, assign=True, strict=True)
     for name, buf in model.named_buffers():
         if buf.is_meta:
             raise RuntimeError(f"buffer {name} was not filled from the sources")  # a bug of ours, not bad input
-    model.generation_config = GenerationConfig(
-        eos_token_id=_end_of_turn_ids(tokenizer, getattr(llm, "generation_config", None)),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None,
-        bos_token_id=getattr(getattr(llm, "generation_config", None), "bos_token_id", None),
+    return model
+
+
+def _generation_config(tokenizer, llm):
+    from transformers import GenerationConfig
+
+    source = getattr(llm, "generation_config", None)
+    return GenerationConfig(eos_token_id=_end_of_turn_ids(tokenizer, source), pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=getattr(source, "bos_token_id", None))
+
+
+def _save_processor(cfg: BuildConfig, src: _Sources, image_processor, workdir: Path) -> None:
+    from transformers import LlavaProcessor
+
+    _, strategy, extra_tokens = VISION_FAMILIES[src.vision_family]
+    src.tokenizer.chat_template = src.llava_template
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=src.tokenizer, patch_size=src.vision_config.patch_size,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,  # CLIP's CLS
+        chat_template=src.llava_template, image_token=cfg.image_token,
     )
+    processor.save_pretrained(workdir)
+
+
+def compose(cfg: BuildConfig, workdir: Path) -> dict:
+    """Write the composed checkpoint into ``workdir``; return what the report needs to check it."""
+    src = _read_sources(cfg)
+    llm, vision, image_processor = _load_weights(cfg, src)
+    image_token_id, src_rows, resized = _add_image_token(src.tokenizer, llm, cfg.image_token)
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
+    config = _llava_config(cfg, src, llm, image_token_id, tied)
+    expected = _expected_digests(llm, vision, src_rows if resized else None, tied)
+    model = _assemble(config, llm, vision, tied, cfg.seed)
+    model.generation_config = _generation_config(src.tokenizer, llm)
     stats = param_stats(model)
     with quiet_transformers():
         layout.save_model(model, workdir)
-
-    tokenizer.chat_template = llava_template
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_cfg.patch_size,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,  # CLIP's CLS
-        chat_template=llava_template, image_token=cfg.image_token,
-    )
-    processor.save_pretrained(workdir)
-    del model, llm, vision, base, lm_head, base_state, vision_state
+    _save_processor(cfg, src, image_processor, workdir)
+    del model, llm, vision  # before verify loads the checkpoint back: one copy of the weights at a time
     gc.collect()
     return {
-        "expected": expected, "dtype": str(dtype).removeprefix("torch."), "src_dtype": str(src_dtype).removeprefix(
-            "torch."), "resized": resized, "src_rows": src_rows, "tied": tied, "params": stats,
-        "image_tokens": n_image_tokens, "template_family": templates.family(template),
-        "vision_family": vision_family, "feature_strategy": strategy,
+        "expected": expected, "dtype": dtype_name(src.dtype), "src_dtype": dtype_name(src.src_dtype),
+        "resized": resized, "src_rows": src_rows, "tied": tied, "params": stats,
+        "image_tokens": config.image_seq_length, "template_family": templates.family(src.template),
+        "vision_family": src.vision_family, "feature_strategy": config.vision_feature_select_strategy,
     }
 
 

@@ -18,7 +18,7 @@ from .errors import RunFailed, UsageError
 # subcommand -> (module, config class name, main function name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "build": ("llava_lora.build", "BuildConfig", "main", "compose a chat LLM + a CLIP vision encoder into MODEL_DIR"),
-    "data check": ("llava_lora.data.check", "CheckConfig", "main", "validate a LLaVA data set, report bad samples"),
+    "data check": ("llava_lora.datacheck", "CheckConfig", "main", "validate a LLaVA data set, report bad samples"),
     "data synth": ("llava_lora.data.synth", "SynthConfig", "main", "write a synthetic LLaVA-format data set"),
     "train": ("llava_lora.train", "TrainConfig", "main", "LoRA fine-tuning of MODEL_DIR on DATA into RUN_DIR"),
     "eval": ("llava_lora.evaluate", "EvalConfig", "main", "base vs fine-tuned on data samples"),

@@ -51,7 +51,9 @@ def device_field() -> Any:
 
 
 def load_dtype_field() -> Any:
-    return field("auto", help="auto (the checkpoint's own dtype, never upcast), float32, bfloat16, float16")
+    from .modeling import DTYPES  # the one table of dtype names; every user of this field loads a model anyway
+
+    return field("auto", help=f"auto (the checkpoint's own dtype, never upcast), {', '.join(DTYPES)}")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

@@ -251,9 +251,13 @@ def _settings_panel(gr, cfg: DemoConfig) -> list:
     return [max_new, greedy, temperature, top_p, top_k, penalty]
 
 
-def _data_tab(gr, app, cfg: DemoConfig, engine: SideBySideEngine, samples: Samples | None, ui: list) -> None:
-    """Tab 1: a data-set sample by index, answered by both models and checked against its reference."""
-    base_label, tuned_label = _labels(engine)
+NO_DATA = ("No data set loaded. Start the demo with one to browse its samples:\n\n"
+           "```\nllava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA [--split test]\n```\n\n"
+           "DATA is a LLaVA-format JSON/JSONL file or a folder holding `chat.json`.")
+
+
+def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Samples):
+    """Tab 1's handlers: (show a sample, step the index by -1/+1/0 for random, compare both models on a sample)."""
 
     def show_sample(index: float):
         try:
@@ -288,50 +292,61 @@ def _data_tab(gr, app, cfg: DemoConfig, engine: SideBySideEngine, samples: Sampl
             log.exception("compare_sample failed")
             raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
 
+    return show_sample, step, compare_sample
+
+
+def _sample_picker(gr, engine: SideBySideEngine, samples: Samples) -> tuple:
+    """Tab 1's top row; returns (the index box, {step: its button}, the compare button, the sample's outputs:
+    image, question, reference, info line)."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=240):
+            image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=300,
+                             elem_id="sample-image")
+        with gr.Column(scale=3):
+            with gr.Row(equal_height=True):
+                index = gr.Number(0, label=f"Sample index (0..{len(samples) - 1})", precision=0, minimum=0,
+                                  maximum=len(samples) - 1, scale=2, min_width=140, elem_id="sample-index")
+                steps = {-1: gr.Button("◀ Prev", scale=1, min_width=80, elem_id="prev"),
+                         1: gr.Button("Next ▶", scale=1, min_width=80, elem_id="next"),
+                         0: gr.Button("Random", scale=1, min_width=80, elem_id="random")}
+            info = gr.Markdown(elem_id="sample-info")
+            question = gr.Textbox(label="Question", interactive=False, lines=2, elem_id="sample-question")
+            reference = gr.Textbox(label="Reference answer", interactive=False, elem_id="sample-reference")
+            compare_btn = gr.Button("Compare base and fine-tuned" if engine.has_adapter else "Answer",
+                                    variant="primary", elem_id="compare-sample")
+    return index, steps, compare_btn, [image, question, reference, info]
+
+
+def _sample_answers(gr, engine: SideBySideEngine) -> list:
+    """Tab 1's answers: each model's with its match badge, then a status line (the compare handler's outputs)."""
+    base_label, tuned_label = _labels(engine)
+    with gr.Row():
+        with gr.Column():
+            base = gr.Textbox(label=base_label, interactive=False, lines=3, elem_id="sample-base",
+                              elem_classes="answer")
+            base_match = gr.HTML(elem_id="sample-base-match", elem_classes="match")
+        with gr.Column(visible=engine.has_adapter):
+            tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3, elem_id="sample-tuned",
+                               elem_classes="answer")
+            tuned_match = gr.HTML(elem_id="sample-tuned-match", elem_classes="match")
+    status = gr.Markdown(elem_id="sample-status", elem_classes="status")
+    return [base, base_match, tuned, tuned_match, status]
+
+
+def _data_tab(gr, app, cfg: DemoConfig, engine: SideBySideEngine, samples: Samples | None, ui: list) -> None:
+    """Tab 1: a data-set sample by index, answered by both models and checked against its reference."""
     with gr.Tab("Data set", id="data", elem_id="tab-data"):
         if samples is None:
-            gr.Markdown("No data set loaded. Start the demo with one to browse its samples:\n\n"
-                        "```\nllava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA "
-                        "[--split test]\n```\n\nDATA is a LLaVA-format JSON/JSONL file or a folder "
-                        "holding `chat.json`.", elem_id="no-data")
+            gr.Markdown(NO_DATA, elem_id="no-data")
             return
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=240):
-                sample_image = gr.Image(label="Image", type="pil", format="png", interactive=False,
-                                        height=300, elem_id="sample-image")
-            with gr.Column(scale=3):
-                with gr.Row(equal_height=True):
-                    index = gr.Number(0, label=f"Sample index (0..{len(samples) - 1})", precision=0,
-                                      minimum=0, maximum=len(samples) - 1, scale=2, min_width=140,
-                                      elem_id="sample-index")
-                    prev_btn = gr.Button("◀ Prev", scale=1, min_width=80, elem_id="prev")
-                    next_btn = gr.Button("Next ▶", scale=1, min_width=80, elem_id="next")
-                    random_btn = gr.Button("Random", scale=1, min_width=80, elem_id="random")
-                sample_info = gr.Markdown(elem_id="sample-info")
-                sample_question = gr.Textbox(label="Question", interactive=False, lines=2,
-                                             elem_id="sample-question")
-                sample_reference = gr.Textbox(label="Reference answer", interactive=False,
-                                              elem_id="sample-reference")
-                compare_btn = gr.Button("Compare base and fine-tuned" if engine.has_adapter
-                                        else "Answer", variant="primary", elem_id="compare-sample")
-        with gr.Row():
-            with gr.Column():
-                s_base = gr.Textbox(label=base_label, interactive=False, lines=3,
-                                    elem_id="sample-base", elem_classes="answer")
-                s_base_match = gr.HTML(elem_id="sample-base-match", elem_classes="match")
-            with gr.Column(visible=engine.has_adapter):
-                s_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3,
-                                     elem_id="sample-tuned", elem_classes="answer")
-                s_tuned_match = gr.HTML(elem_id="sample-tuned-match", elem_classes="match")
-        s_status = gr.Markdown(elem_id="sample-status", elem_classes="status")
-        answers = [s_base, s_base_match, s_tuned, s_tuned_match, s_status]
-        sample_outputs = [sample_image, sample_question, sample_reference, sample_info]
-
+        index, steps, compare_btn, sample_outputs = _sample_picker(gr, engine, samples)
+        answers = _sample_answers(gr, engine)
+        show_sample, step, compare_sample = _sample_callbacks(gr, cfg, engine, samples)
         shown = index.change(show_sample, [index], sample_outputs, api_name=API_SHOW_SAMPLE,
                              concurrency_limit=4)
         shown.then(lambda: ("", "", "", "", ""), None, answers, api_visibility="private")
         app.load(show_sample, [index], sample_outputs, api_visibility="private")
-        for btn, delta in ((prev_btn, -1), (next_btn, 1), (random_btn, 0)):
+        for delta, btn in steps.items():
             btn.click(lambda i, d=delta: step(i, d), [index], [index], api_visibility="private")
         compare_btn.click(compare_sample, [index, *ui], answers, api_name=API_COMPARE_SAMPLE,
                           concurrency_limit=1, concurrency_id=MODEL_GROUP)

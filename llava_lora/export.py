@@ -22,6 +22,7 @@ import json
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +35,9 @@ from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
 from .outdirs import OVERWRITE_HELP, check_out, make_readable, move_into_place
 from .inference import GenerationSettings, prepare_inputs
+from .modeling import DTYPES, DtypeName, checkpoint_dtype, default_device, dtype_name, is_half, load_model
 
 EXPORT_FILE = "export.json"
-HALF = ("bfloat16", "float16")
 # Largest next-token logit change the merge may cause, relative to the largest |logit|: float32 must be exact;
 # in half precision the merged weights are rounded once more, which moves logits ~1% (bf16 keeps 8 bits).
 LOGIT_TOLERANCE = {"float32": 1e-4, "half": 0.05}
@@ -48,8 +49,7 @@ class ExportConfig:
     model: str = field(help="MODEL_DIR the adapter was trained on")
     adapter: str = field(help="RUN_DIR (or a checkpoint folder) holding the adapter")
     out: str = field(help="MERGED_DIR to write")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        "auto", help="dtype of MERGED_DIR (auto: MODEL_DIR's, as saved in its config.json)")
+    dtype: DtypeName = field("auto", help="dtype of MERGED_DIR (auto: MODEL_DIR's, as saved in its config.json)")
     data: str | None = field(None, help="samples for the self-check; none: synthetic shape images")
     split: str | None = split_field()
     image_dir: str | None = image_dir_field()
@@ -60,20 +60,13 @@ class ExportConfig:
     overwrite: bool = field(False, help=OVERWRITE_HELP)
     format: Literal["safetensors", "gguf"] = field(
         "safetensors", help="gguf: also write llama.cpp/Ollama files (LM, mmproj, Modelfile) into MERGED_DIR")
-    gguf_type: Literal["f16", "bf16", "q8_0"] = field("q8_0", help="weight type of the GGUF language model")
+    gguf_type: Literal[gguf_export.LM_TYPES] = field("q8_0", help="weight type of the GGUF language model")
     device: str | None = device_field()
 
     def __post_init__(self) -> None:
         if self.check_samples < 0 or self.check_tokens < 1:
             raise UsageError(f"--check-samples must be >= 0 and --check-tokens >= 1, got {self.check_samples} "
                              f"and {self.check_tokens}")
-
-
-def saved_dtype(model_dir: str | Path) -> str:
-    """The dtype MODEL_DIR's weights were saved in, as a name (``bfloat16``)."""
-    from .modeling import checkpoint_dtype, dtype_name
-
-    return dtype_name(checkpoint_dtype(model_dir))
 
 
 def self_check_samples(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
@@ -143,7 +136,7 @@ def self_check(expected: Probe | list[str], got: Probe | list[str], records: lis
     pairs = [{"id": r.id, "base+adapter": e, "merged": g} for r, e, g in zip(records, exp_answers, got_answers)]
     equal = sum(e == g for e, g in zip(exp_answers, got_answers))
     result: dict[str, Any] = {"samples": len(pairs), "equal": equal, "answers": pairs}
-    half = dtype in HALF
+    half = is_half(dtype)
     drift = None
     if isinstance(expected, Probe) and isinstance(got, Probe):
         scale = float(expected.logits.abs().max()) or 1.0
@@ -185,45 +178,33 @@ def merge_in_place(model):
     return merged.to(dtype)  # a no-op unless some module came in another dtype
 
 
-def main(cfg: ExportConfig) -> int:
-    import time
-
-    import torch
-
-    from .modeling import default_device, load_model
-
-    start = time.perf_counter()
-    out = Path(cfg.out)
-    check_out(out, cfg.overwrite)
-    src = adapter_dir(cfg.adapter)
-    dtype_name = saved_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
-    dtype = getattr(torch, dtype_name)
-    device = cfg.device or default_device()
+def merge_checked(cfg: ExportConfig, src: Path, dtype, device: str) -> tuple[Any, dict[str, Any] | None]:
+    """(the merged model, its self-check or None): base + adapter loaded and probed, the adapter folded in, the
+    merged model probed on the same samples."""
     records, images = self_check_samples(cfg) if cfg.check_samples else ([], [])
-
     model, processor = load_model(cfg.model, cfg.adapter, dtype=cfg.dtype, device=device)
     expected = probe(model, processor, records, images, cfg.check_tokens) if records else None
     layers = len(wrapped_modules(model))
     merged = merge_in_place(model)
     del model
-    print(f"merged {layers} LoRA layers and the projector of {src} into the {dtype_name} weights")
+    print(f"merged {layers} LoRA layers and the projector of {src} into the {dtype_name(dtype)} weights")
     check = None
     if records:
-        check = self_check(expected, probe(merged, processor, records, images, cfg.check_tokens), records,
-                           dtype_name)
+        got = probe(merged, processor, records, images, cfg.check_tokens)
+        check = self_check(expected, got, records, dtype_name(dtype))
     for sub in (merged.config, merged.config.text_config, merged.config.vision_config):
         sub.dtype = dtype  # the saved config must name what is on disk
+    return merged, check
 
+
+def write_folder(cfg: ExportConfig, merged, meta: dict[str, Any], out: Path) -> None:
+    """MERGED_DIR: the weights, MODEL_DIR's processor files, export.json (``meta``), export.yaml and the GGUF
+    files if asked, written beside ``out`` and moved into place whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         layout.save_model(merged, tmp)
         copy_processor(Path(cfg.model), tmp)
-        meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
-                                "base_fingerprint": fingerprint(cfg.model), "adapter": str(src.resolve()),
-                                "dtype": dtype_name}
-        if check is not None:
-            meta["self_check"] = check
         if cfg.format == "gguf":  # from the checked folder, so the GGUF files hold what the self-check ran
             meta["gguf"] = [p.name for p in gguf_export.write(tmp, tmp, cfg.gguf_type)]
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -232,6 +213,21 @@ def main(cfg: ExportConfig) -> int:
         move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} ({dtype_name}) in {time.perf_counter() - start:.0f} s; load it with "
+
+
+def main(cfg: ExportConfig) -> int:
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    check_out(out, cfg.overwrite)
+    src = adapter_dir(cfg.adapter)
+    dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    merged, check = merge_checked(cfg, src, dtype, cfg.device or default_device())
+    meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
+                            "base_fingerprint": fingerprint(cfg.model), "adapter": str(src.resolve()),
+                            "dtype": dtype_name(dtype)}
+    if check is not None:
+        meta["self_check"] = check
+    write_folder(cfg, merged, meta, out)
+    print(f"wrote {out} ({dtype_name(dtype)}) in {time.perf_counter() - start:.0f} s; load it with "
           f"LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
     return 0

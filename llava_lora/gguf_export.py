@@ -158,43 +158,54 @@ def _vocab(folder: Path, n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_lm(folder: Path, path: Path, lm_type: str) -> None:
-    """The language model of a LLaVA folder as one GGUF file."""
-    import gguf
+def _text_config(folder: Path):
+    """(the language model's config, llama.cpp's arch, whether q/k rows are permuted, its rope parameters), checked
+    to be something this exporter writes."""
     from transformers import AutoConfig
 
     tc = AutoConfig.from_pretrained(folder).text_config
     if tc.model_type not in ARCHS:
         raise UsageError(f"{folder}: a '{tc.model_type}' language model; GGUF export knows {', '.join(ARCHS)}")
-    arch, permute = ARCHS[tc.model_type]
     rope = getattr(tc, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UsageError(f"{folder}: rope scaling '{rope['rope_type']}' is not exported to GGUF")
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(folder.name)
+    return (tc, *ARCHS[tc.model_type], rope)
+
+
+def _add_lm_hyperparameters(w, tc, rope: dict, lm_type: str) -> None:
+    import gguf
+
     w.add_context_length(tc.max_position_embeddings)
     w.add_embedding_length(tc.hidden_size)
     w.add_block_count(tc.num_hidden_layers)
     w.add_feed_forward_length(tc.intermediate_size)
     w.add_head_count(tc.num_attention_heads)
     w.add_head_count_kv(tc.num_key_value_heads)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(tc.rms_norm_eps)
     w.add_vocab_size(tc.vocab_size)
     w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[lm_type])
-    tokens, types = _vocab(folder, tc.vocab_size)
+
+
+def _add_tokenizer(w, folder: Path, n_vocab: int) -> None:
+    """The vocabulary, merges, special tokens and chat template."""
+    import gguf
+
+    tokens, types = _vocab(folder, n_vocab)
     w.add_tokenizer_model("gpt2")  # byte-level BPE
     w.add_tokenizer_pre(pre_tokenizer(folder))
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=tc.vocab_size)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
     if isinstance(special.chat_template, str):  # {% generation %} marks training targets; llama.cpp's Jinja lacks it
         special.chat_template = GENERATION_TAG.sub("", special.chat_template)
     special.add_to_gguf(w)
 
+
+def _lm_tensors(folder: Path, tc, permute: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) of each language-model tensor, q/k rows in llama.cpp's order."""
     for key, load in read_tensors(folder):
         if key == "language_model.lm_head.weight":
             name = "output.weight"
@@ -209,6 +220,19 @@ def write_lm(folder: Path, path: Path, lm_type: str) -> None:
             data = llama_permute(data, tc.num_attention_heads)
         elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
             data = llama_permute(data, tc.num_key_value_heads)
+        yield name, data
+
+
+def write_lm(folder: Path, path: Path, lm_type: str) -> None:
+    """The language model of a LLaVA folder as one GGUF file."""
+    import gguf
+
+    tc, arch, permute, rope = _text_config(folder)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(folder.name)
+    _add_lm_hyperparameters(w, tc, rope, lm_type)
+    _add_tokenizer(w, folder, tc.vocab_size)
+    for name, data in _lm_tensors(folder, tc, permute):
         data, qtype = _encode(data, lm_type)
         w.add_tensor(name, data, raw_dtype=qtype)
     _finish(w)
@@ -223,10 +247,9 @@ def feature_layer(n_layers: int, hf_layer: int) -> int:
     return k
 
 
-def write_mmproj(folder: Path, path: Path) -> None:
-    """The CLIP tower (only the layers up to the feature layer) and the projector as llama.cpp's mmproj."""
-    import gguf
-    from transformers import AutoConfig, AutoImageProcessor
+def _mmproj_config(folder: Path):
+    """The LLaVA config, checked to be a projector and tower that llama.cpp's mtmd runs."""
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(folder)
     vc = cfg.vision_config
@@ -238,10 +261,13 @@ def write_mmproj(folder: Path, path: Path) -> None:
                          f"{cfg.projector_hidden_act!r}")
     if vc.hidden_act not in ("quick_gelu", "gelu"):
         raise UsageError(f"{folder}: vision activation {vc.hidden_act!r}; llama.cpp's CLIP runs quick_gelu or gelu")
-    keep = feature_layer(vc.num_hidden_layers, cfg.vision_feature_layer)
-    ip = AutoImageProcessor.from_pretrained(folder)
-    w = gguf.GGUFWriter(str(path), "clip")
-    w.add_name(f"{folder.name} mmproj")
+    return cfg
+
+
+def _add_mmproj_hyperparameters(w, cfg, keep: int, image_processor) -> None:
+    import gguf
+
+    vc = cfg.vision_config
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_bool("clip.has_vision_encoder", True)
     w.add_string("clip.projector_type", "mlp")
@@ -255,9 +281,12 @@ def write_mmproj(folder: Path, path: Path) -> None:
     w.add_uint32("clip.vision.attention.head_count", vc.num_attention_heads)
     w.add_float32("clip.vision.attention.layer_norm_epsilon", vc.layer_norm_eps)
     w.add_array("clip.vision.feature_layer", [keep])
-    w.add_array("clip.vision.image_mean", [float(x) for x in ip.image_mean])
-    w.add_array("clip.vision.image_std", [float(x) for x in ip.image_std])
+    w.add_array("clip.vision.image_mean", [float(x) for x in image_processor.image_mean])
+    w.add_array("clip.vision.image_std", [float(x) for x in image_processor.image_std])
 
+
+def _mmproj_tensors(folder: Path, keep: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) of the projector's and the tower's tensors, up to layer ``keep``."""
     for key, load in read_tensors(folder):
         if key.startswith("multi_modal_projector."):
             name = PROJECTOR_NAMES.get(key.removeprefix("multi_modal_projector."))
@@ -273,7 +302,21 @@ def write_mmproj(folder: Path, path: Path) -> None:
             continue
         if name is None:
             raise UsageError(f"{folder}: no GGUF name for the tensor {key}")
-        data = load()
+        yield name, load()
+
+
+def write_mmproj(folder: Path, path: Path) -> None:
+    """The CLIP tower (only the layers up to the feature layer) and the projector as llama.cpp's mmproj."""
+    import gguf
+    from transformers import AutoImageProcessor
+
+    cfg = _mmproj_config(folder)
+    keep = feature_layer(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_name(f"{folder.name} mmproj")
+    _add_mmproj_hyperparameters(w, cfg, keep, image_processor)
+    for name, data in _mmproj_tensors(folder, keep):
         # llama.cpp's conv and get_rows read f16 weights; 1-D tensors (norms, biases, CLS) stay f32
         data, qtype = _encode(data, "f16")
         w.add_tensor(name, data, raw_dtype=qtype)

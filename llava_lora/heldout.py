@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batches import Collator, Skip, TrainDataset
+from .batches import Collator, TrainDataset
 from .data.records import Record, load_records, resolve_data
-from .errors import UsageError
+from .errors import Rejected, UsageError
+from .loss import LlavaLoss
 
 
 def share(spec: str | None) -> float | None:
@@ -44,7 +45,7 @@ def split_off(records: list[Record], fraction: float, seed: int) -> tuple[list[R
 
 
 def heldout_records(spec: str, split: str | None, image_dir: str | None, train_records: list[Record],
-                    train_root: Path, seed: int) -> tuple[list[Record], list[Record], Path, list]:
+                    train_root: Path, seed: int) -> tuple[list[Record], list[Record], Path, list[Rejected]]:
     """(records to train on, held-out records, their image root, the held-out file's parse errors)."""
     fraction = share(spec)
     if fraction is not None:
@@ -61,7 +62,7 @@ def heldout_records(spec: str, split: str | None, image_dir: str | None, train_r
 
 @torch.no_grad()
 def loss_sums(loss_module, dataset: TrainDataset, indices: list[int], batch_size: int, pad_token_id: int,
-              device, autocast=None) -> tuple[float, int, list[Skip]]:
+              device, autocast=None) -> tuple[float, int, list[Rejected]]:
     """(summed token cross-entropy, supervised tokens, skipped records) of ``dataset[indices]``."""
     collate = Collator(pad_token_id)
     total, tokens, skipped = 0.0, 0, []
@@ -85,7 +86,6 @@ def model_loss(model, processor, records: list[Record], image_root: Path, batch_
     computes it: what ``llava-lora eval`` reports beside its metrics."""
     from .inference import adapter_switch
     from .prompts import DEFAULT_MAX_LENGTH, image_tokens_per_image
-    from .train import LlavaLoss
 
     dataset = TrainDataset(records, image_root, processor, model.config.image_token_id,
                            image_tokens_per_image(model.config), DEFAULT_MAX_LENGTH)
@@ -108,7 +108,7 @@ class HeldOut:
         self.max_new_tokens = max_new_tokens
         self.samples_dir = run_dir / "samples"
 
-    def loss(self, loss_module, accelerator) -> tuple[float, int, list[Skip]]:
+    def loss(self, loss_module, accelerator) -> tuple[float, int, list[Rejected]]:
         """(mean loss per supervised held-out token over every process, tokens, this process's skips)."""
         rank, world = accelerator.process_index, accelerator.num_processes
         total, tokens, skipped = loss_sums(loss_module, self.dataset, list(range(rank, len(self.dataset), world)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -114,8 +114,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-HALF = (torch.bfloat16, torch.float16)
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The one table of dtype names: torch's own (--dtype of build, export, eval, generate, demo), the short ones
+# accelerate uses (train --precision), and the dtype both name. Every list of names in the commands comes from it.
+_DTYPE_TABLE = (
+    ("float32", "fp32", torch.float32),
+    ("bfloat16", "bf16", torch.bfloat16),
+    ("float16", "fp16", torch.float16),
+)
+DTYPES: dict[str, torch.dtype] = {name: dtype for name, _, dtype in _DTYPE_TABLE}
+PRECISION_DTYPES: dict[str, torch.dtype] = {short: dtype for _, short, dtype in _DTYPE_TABLE}
+HALF = tuple(dtype for dtype in DTYPES.values() if dtype.itemsize == 2)
+DtypeName = Literal[("auto", *DTYPES)]  # a --dtype flag: auto keeps the checkpoint's own
+PrecisionName = Literal[("auto", *PRECISION_DTYPES)]  # train --precision: auto picks what the hardware computes
+
 # CPU flags of native bf16 arithmetic: x86's AVX512-BF16 and AMX-BF16, Arm's BF16 extension.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
@@ -194,14 +205,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_dtype(name: str) -> torch.dtype | str:
-    """A dtype name as torch's dtype; ``auto`` stays "auto" (the checkpoint's own dtype)."""
+    """A dtype name (long or short) as torch's dtype; ``auto`` stays "auto" (the checkpoint's own dtype)."""
     if name == "auto":
         return "auto"
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[name]
+        return DTYPES.get(name) or PRECISION_DTYPES[name]
     except KeyError:
-        raise UsageError(f"unknown dtype '{name}' (choose auto, float32, bfloat16, float16)") from None
+        raise UsageError(f"unknown dtype '{name}' (choose auto, {', '.join(DTYPES)})") from None
+
+
+def is_half(name: str) -> bool:
+    """True for a 16-bit float dtype's name."""
+    return DTYPES.get(name, PRECISION_DTYPES.get(name)) in HALF
 
 
 def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",

@@ -7,6 +7,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from .errors import Rejected
+
 METRICS = "metrics.jsonl"
 DATA_REPORT = "data_report.json"
 LOSS_CURVE = "loss_curve.png"
@@ -36,32 +38,31 @@ class RunLog:
                     self._tb.add_scalar(tag, v, row["step"])
             self._tb.flush()
 
-    def skipped(self, skips: list, step: int) -> None:
+    def skipped(self, skips: list[Rejected], step: int) -> None:
         if not skips:
             return
         with open(self.skips_path, "a") as f:
             for s in skips:
-                f.write(json.dumps({"id": s.id, "index": s.index, "reason": s.reason, "detail": s.detail,
-                                    "step": step}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({**s.as_dict(), "index": s.index, "step": step}, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def write_data_report(run_dir: Path, total: int, parse_errors: list[tuple[str, str, str]],
+def write_data_report(run_dir: Path, total: int, parse_errors: list[Rejected],
                       duplicates: dict[str, int] | None = None) -> dict:
     """Merge load-time rejects and every process's training-time skips (once per record) into one report;
     ``duplicates`` ({id: count}, records that were used all the same) is listed apart."""
     entries = {}
-    for k, (rid, reason, detail) in enumerate(parse_errors):
-        entries[("loading", k)] = {"id": rid, "reason": reason, "detail": detail, "when": "loading"}
+    for k, r in enumerate(parse_errors):
+        entries[("loading", k)] = {**r.as_dict(), "when": "loading"}
     for path in sorted(run_dir.glob("skipped.rank*.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
+            r = Rejected(row["id"], row["reason"], row["detail"], row.get("index", -1))
             # by position, not id: two records may share an id; under DDP each process reports its own draws
-            entries.setdefault((row["id"], row.get("index", -1)), {
-                "id": row["id"], "reason": row["reason"], "detail": row["detail"], "when": f"step {row['step']}"})
+            entries.setdefault((r.id, r.index), {**r.as_dict(), "when": f"step {row['step']}"})
     report = {"records": total, "skipped": len(entries),
               "by_reason": dict(Counter(e["reason"] for e in entries.values()).most_common()),
               "samples": list(entries.values()), "duplicate_ids": duplicates or {}}

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from . import config as cfglib
 from .adapters import RUN_FILE, apply_lora, init_from, save_adapter, wrapped_modules
@@ -40,9 +39,10 @@ from .errors import RunFailed, UsageError
 from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
+from .loss import LlavaLoss
 from .outdirs import make_readable, move_into_place
-from .modeling import (PRECISION_DTYPES, contiguous_head_input, default_device, format_param_stats, param_stats,
-                       quiet_transformers, train_precision)
+from .modeling import (PRECISION_DTYPES, PrecisionName, contiguous_head_input, default_device, dtype_name,
+                       format_param_stats, param_stats, quiet_transformers, train_precision)
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
@@ -87,7 +87,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
     max_grad_norm: float = field(0.3, help="gradient clipping norm")
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+    precision: PrecisionName = field(
         "auto", help="compute and frozen-weight precision; auto: bf16 on a GPU that has it and on a CPU (native "
                      "there with AVX512-BF16/AMX, else emulated but half the memory), else fp32")
     max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their "
@@ -232,57 +232,6 @@ def _model_inputs(mb: dict, device) -> dict:
     out = {k: mb[k].to(device) if mb[k] is not None else None for k in ("input_ids", "labels", "pixel_values")}
     out["attention_mask"] = None if right_padded else mask.to(device)
     return out
-
-
-def _llava(model):
-    """The LlavaForConditionalGeneration inside a peft model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class LlavaLoss(torch.nn.Module):
-    """``forward(batch) -> (summed token cross-entropy, supervised token count)`` of a peft-wrapped LLaVA.
-
-    The same computation as ``LlavaForConditionalGeneration(labels=...)``, rearranged: the frozen vision
-    tower runs under ``no_grad``, and the lm_head and the loss see only the positions whose next token is
-    supervised (with ``fused_loss``, Liger's kernel computes them chunk by chunk, never all the logits at once).
-    One module, so DDP/FSDP wrap the whole step.
-    """
-
-    def __init__(self, peft_model, fused_loss: bool = False):
-        super().__init__()
-        self.peft_model = peft_model
-        llava = _llava(peft_model)
-        layer = llava.config.vision_feature_layer
-        self.feature_layers = [layer] if isinstance(layer, int) else list(layer)
-        self.drop_cls = llava.config.vision_feature_select_strategy == "default"
-        self.fused = None
-        if fused_loss:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            self.fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
-
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None):
-        llava = _llava(self.peft_model)
-        embeds = llava.model.get_input_embeddings()(input_ids)  # [B, T, D]
-        if pixel_values is not None:
-            tower = llava.model.vision_tower
-            with torch.no_grad():  # LlavaModel.get_image_features' selection: layers concatenated, CLS dropped
-                hidden = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
-                feats = torch.cat([hidden[k][:, 1:] if self.drop_cls else hidden[k] for k in self.feature_layers],
-                                  dim=-1)  # [N, P, Dv * layers]
-            feats = llava.model.multi_modal_projector(feats)  # [N, P, D]
-            image_mask = (input_ids == llava.config.image_token_id).unsqueeze(-1)  # [B, T, 1]
-            embeds = embeds.masked_scatter(image_mask, feats.to(embeds.dtype))
-        hidden = llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                            use_cache=False).last_hidden_state  # [B, T, D]
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        supervised = targets != IGNORE_INDEX  # [B, T-1]
-        hidden = hidden[:, :-1][supervised]  # [N_sup, D]
-        if self.fused is not None:
-            loss = self.fused(llava.lm_head.weight, hidden, targets[supervised], llava.lm_head.bias)
-            return (loss[0] if isinstance(loss, tuple) else loss), supervised.sum()
-        logits = llava.lm_head(hidden).float()  # [N_sup, V]
-        return F.cross_entropy(logits, targets[supervised], reduction="sum"), supervised.sum()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -660,7 +609,7 @@ class Recipe:
         print(f"training {cfg.model} on {self.data_file} ({len(self.records)} records, {len(self.parse_errors)} "
               f"rejected) -> {self.run_dir}")
         print(f"precision {self.precision} on {self.device} ({self.precision_why}): frozen weights in "
-              f"{str(PRECISION_DTYPES[self.precision]).removeprefix('torch.')}, trained ones (LoRA, projector) in "
+              f"{dtype_name(PRECISION_DTYPES[self.precision])}, trained ones (LoRA, projector) in "
               "float32")
         print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
               f"fused loss {'on' if self.fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize "

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -16,12 +17,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from data_fixtures import BAD_DATASET_GOOD_IDS, write_bad_dataset, write_good_dataset
+import llava_lora
 from llava_lora import cli
 from llava_lora.data import check, synth
 from llava_lora.data.records import (
     BadRecord, Record, Turn, check_image, load_records, open_image, parse_record, read_raw, resolve_data, resolve_image,
 )
-from llava_lora.errors import UsageError
+from llava_lora.errors import REASONS, Rejected, UsageError
+from llava_lora.train import _REMEDIES
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -69,6 +72,41 @@ def test_parse_record_reasons(raw, reason):
     assert err.value.detail  # says what was found
 
 
+def _reason_codes_in_the_package() -> tuple[set[str], set[str]]:
+    """(codes given to BadRecord/Rejected or written as a report's "reason", codes a ``.reason`` is compared to)
+    anywhere in llava_lora/, read from the source."""
+    given, compared = set(), set()
+    for path in Path(llava_lora.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = getattr(node, "func", None)
+            called = getattr(called, "id", getattr(called, "attr", None))
+            if isinstance(node, ast.Call) and called in ("BadRecord", "Rejected"):
+                pos = 0 if called == "BadRecord" else 1  # BadRecord(reason, ...), Rejected(id, reason, ...)
+                args = node.args[pos:pos + 1] + [k.value for k in node.keywords if k.arg == "reason"]
+                given |= {a.value for a in args if isinstance(a, ast.Constant)}
+            elif isinstance(node, ast.Dict):
+                given |= {v.value for k, v in zip(node.keys, node.values)
+                          if isinstance(k, ast.Constant) and k.value == "reason" and isinstance(v, ast.Constant)}
+            elif isinstance(node, ast.Compare) and getattr(node.left, "attr", None) == "reason":
+                compared |= {c.value for c in node.comparators if isinstance(c, ast.Constant)}
+    return given, compared
+
+
+def test_every_reason_code_is_declared_once_and_given_somewhere():
+    given, compared = _reason_codes_in_the_package()
+    assert len(REASONS) == len(set(REASONS))
+    assert given == set(REASONS)  # nothing undeclared is given, and nothing declared is dead
+    assert compared <= set(REASONS) and set(_REMEDIES) <= set(REASONS)
+
+
+def test_an_undeclared_reason_is_refused():
+    with pytest.raises(ValueError, match="not declared"):
+        BadRecord("bad_vibes", "x")
+    with pytest.raises(ValueError, match="not declared"):
+        Rejected("a", "bad_vibes")
+    assert BadRecord("missing_image", "a.png").rejected("a", 3) == Rejected("a", "missing_image", "a.png", 3)
+
+
 def test_placeholder_at_start_and_end_is_stripped_with_its_whitespace():
     start = parse_record({"id": "a", "image": "a.png", "conversations": qa("  <image>\n\nWhat colour?", "red")}, 0)
     end = parse_record({"id": "b", "image": "b.png", "conversations": qa("What colour?\n<image>\n", "red")}, 1)
@@ -103,7 +141,8 @@ def test_load_records_reports_bad_ones_by_id_or_index(tmp_path):
                                 {"conversations": qa("Hi?", "hi")}, {"id": "bad", "conversations": []}]))
     good, bad = load_records(path)
     assert [r.id for r in good] == ["ok"]
-    assert [(i, r) for i, r, _ in bad] == [("#1", "not_an_object"), ("#2", "missing_id"), ("bad", "no_conversations")]
+    assert [(r.id, r.reason) for r in bad] == [
+        ("#1", "not_an_object"), ("#2", "missing_id"), ("bad", "no_conversations")]
 
 
 # ---------------------------------------------------------------------------------------------- reading JSON
@@ -277,7 +316,7 @@ def _bad_report(tmp_path: Path, **kw) -> tuple[dict[str, str], check.CheckReport
 
 def test_check_finds_every_reason(tmp_path):
     expected, report = _bad_report(tmp_path, workers=1)
-    assert {i: r for i, r, _ in report.bad} == expected
+    assert {r.id: r.reason for r in report.bad} == expected
     assert [r.id for r in report.usable] == list(BAD_DATASET_GOOD_IDS)
     assert report.total == len(expected) + len(BAD_DATASET_GOOD_IDS)
     assert sum(report.counts.values()) == len(expected)
@@ -287,7 +326,7 @@ def test_check_in_a_process_pool_matches_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(check, "MIN_POOL", 0)
     monkeypatch.setattr(check, "CHUNK", 3)
     expected, report = _bad_report(tmp_path, workers=2)
-    assert {i: r for i, r, _ in report.bad} == expected
+    assert {r.id: r.reason for r in report.bad} == expected
     assert [r.id for r in report.usable] == list(BAD_DATASET_GOOD_IDS)
 
 
@@ -297,7 +336,7 @@ def test_check_too_long_with_a_length_fn(tmp_path):
     lengths = {r.id: 10 + 100 * (r.image is not None) for r in good}
     report = check.check_records(good, tmp_path / "images_dl", workers=1, progress=False,
                                  length_fn=lambda r: lengths[r.id], max_length=50)
-    assert sorted(i for i, r, _ in report.bad if r == "too_long") == sorted(i for i, n in lengths.items() if n > 50)
+    assert sorted(r.id for r in report.bad if r.reason == "too_long") == sorted(i for i, n in lengths.items() if n > 50)
     assert [r.image for r in report.usable] == [None, None]
 
 

@@ -121,7 +121,7 @@ def test_hardware_flops_agree_with_torch_flop_counter(gc_on):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from llava_lora.train import LlavaLoss
+    from llava_lora.loss import LlavaLoss
 
     g = _script_module()
     s = g.TINY

@@ -24,7 +24,7 @@ from llava_lora.data import images
 from llava_lora.batches import DropFailed, ResumableBatchSampler, TrainDataset
 from llava_lora.data.images import check_image, locate_records, open_image, resolve_image
 from llava_lora.data.records import duplicate_ids, load_records
-from llava_lora.errors import BadRecord
+from llava_lora.errors import BadRecord, Rejected
 from odd_inputs import UPRIGHT_SIZE, Corpus, upright_picture, write_odd_corpus
 
 
@@ -148,7 +148,7 @@ def test_locate_records_finds_missing_escaping_and_folders_by_stat(corpus, monke
     monkeypatch.setattr(images, "_decode", lambda *a: pytest.fail("locate_records decoded an image"))
     records, _ = load_records(corpus.data)
     kept, bad = locate_records(records, corpus.root)
-    assert {rid: reason for rid, reason, _ in bad} == {
+    assert {r.id: r.reason for r in bad} == {
         "folder": "not_a_file", "escape_link": "image_path_escapes_root", "missing": "missing_image"}
     assert len(kept) + len(bad) == len(records)
 
@@ -158,8 +158,8 @@ def test_locate_records_finds_missing_escaping_and_folders_by_stat(corpus, monke
 
 def test_jsonl_with_a_blank_and_a_garbled_line_and_a_bom_json(corpus):
     records, bad = load_records(corpus.data)
-    assert bad == [(f"line {corpus.garbled_line}", "invalid_json", bad[0][2])]
-    assert f"line {corpus.garbled_line} column" in bad[0][2] and "chat.jsonl" in bad[0][2]
+    assert [(r.id, r.reason) for r in bad] == [(f"line {corpus.garbled_line}", "invalid_json")]
+    assert f"line {corpus.garbled_line} column" in bad[0].detail and "chat.jsonl" in bad[0].detail
     assert [r.id for r in records].count("dup") == 2 and len(records) == len(corpus.images) + 3
     assert duplicate_ids(records) == {"dup": 2}
     bom, bom_bad = load_records(corpus.bom)
@@ -331,8 +331,6 @@ class _RefusingProcessor:
 
 
 def test_a_processor_refusal_is_the_records_skip_in_training(corpus):
-    from llava_lora.batches import Skip
-
     records, _ = load_records(corpus.data)
     proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()
     ds = TrainDataset(records, corpus.root, proc, 0, 0, None)
@@ -340,7 +338,7 @@ def test_a_processor_refusal_is_the_records_skip_in_training(corpus):
         ds._pixels(ds.image_root, "one_px.png")
     assert err.value.reason == "preprocess_failed"
     assert ds._pixels(ds.image_root, "cmyk.jpg").shape == (3, 4, 4)
-    assert Skip("x", "preprocess_failed", "", 3).index == 3
+    assert err.value.rejected("one_px", 3) == Rejected("one_px", "preprocess_failed", err.value.detail, 3)
 
 
 def test_a_batch_that_fails_in_eval_is_asked_sample_by_sample(corpus, monkeypatch):
@@ -388,5 +386,5 @@ def test_data_check_reports_a_record_the_tokenizer_cannot_encode(corpus):
         return 10
 
     report = check.check_records(records, corpus.root, length_fn=length, max_length=100, progress=False)
-    got = {rid: reason for rid, reason, _ in report.bad}
+    got = {r.id: r.reason for r in report.bad}
     assert got["cmyk"] == "empty_supervision" and got["webp"] == "encode_failed"

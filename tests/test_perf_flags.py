@@ -13,6 +13,7 @@ import torch
 from _model_fixtures import Models, quiet
 from llava_lora import cli, train
 from llava_lora.errors import UsageError
+from llava_lora.loss import LlavaLoss
 
 
 def _packages(monkeypatch, *installed: str) -> None:
@@ -131,7 +132,7 @@ def test_loss_without_mask_equals_masked_loss(world: Models, data: Path):
     ds = TrainDataset(records, root, processor, model.config.image_token_id, 16, 2048)
     batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
     assert (batch["attention_mask"] == 0).any()
-    loss_module = train.LlavaLoss(peft_model)
+    loss_module = LlavaLoss(peft_model)
     results = []
     for mask in (batch["attention_mask"], None):
         peft_model.zero_grad()

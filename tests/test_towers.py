@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from _model_fixtures import FAST, Models, quiet
-from llava_lora import build, cli, tiny, train
+from llava_lora import build, cli, tiny
 from llava_lora.adapters import apply_lora
+from llava_lora.loss import LlavaLoss
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_loss_equals_transformers_loss_for_every_feature_setting(world: Models, 
                 p.normal_(0, 0.1)
     peft_model.eval()
     with torch.no_grad():
-        loss_sum, count = train.LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+        loss_sum, count = LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                                       batch["pixel_values"])
         ref = peft_model.get_base_model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                           pixel_values=batch["pixel_values"], labels=batch["labels"]).loss

@@ -25,6 +25,7 @@ from data_fixtures import write_bad_dataset, write_good_dataset
 from llava_lora import cli, prompts, train
 from llava_lora.adapters import apply_lora, wrapped_modules
 from llava_lora.data.records import BadRecord, Record, Turn, load_records
+from llava_lora.loss import LlavaLoss
 from llava_lora.modeling import dtypes_by_role
 
 IMAGE_TOKENS = (32 // 8) ** 2
@@ -231,7 +232,7 @@ def test_bf16_loss_within_one_percent_of_fp32(world: Models, data: Path):
         ds = TrainDataset(records, root, processor, model.config.image_token_id, IMAGE_TOKENS, 2048)
         batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss_sum, count = train.LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"],
+            loss_sum, count = LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"],
                                                           batch["labels"], batch["pixel_values"])
         loss = loss_sum / count
         loss.backward()  # the bf16 path trains: gradients reach the fp32 masters

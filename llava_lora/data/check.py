@@ -1,32 +1,28 @@
-"""``llava-lora data check DATA``: validate every record and image of a LLaVA data set, report the bad ones.
+"""The checks of ``llava-lora data check`` (the command is ``llava_lora/datacheck.py``), with no model in sight:
 
-    llava-lora data check data/cc3m --json report.json      # exit 0: all usable, 1: some are not
+    report = check_file("data/cc3m/chat.json", "data/cc3m/images_dl")   # .bad: [Rejected], .usable: [Record]
+    print_report(report, file, root)
 
-Each record is parsed, its image resolved under the image root and fully decoded (in a process pool), and,
-with ``--model`` and ``--max-length``, its token count compared with the limit. The report lists each bad
-record's id and reason code (see ``records.py`` and ``images.py`` for the codes; with ``--model``, ``too_long``,
-``encode_failed`` and the encoder's own ``empty_supervision`` / ``image_token_mismatch`` are added here).
-Ids carried by more than one record are listed apart: those records are usable (and used by ``train``), so they
-do not change the exit code. Training builds the same kind of report with ``check_records``.
+Each record is parsed, its image resolved under the image root and fully decoded (in a process pool), and, given
+a ``length_fn`` (the command makes one from a model's tokenizer), its token count compared with a limit. Ids
+carried by more than one record are listed apart: those records are usable (and used by ``train``).
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import field, image_dir_field, split_field
-from ..errors import UsageError
+from ..errors import BadRecord, Rejected
 from .images import check_image, resolve_image
-from .records import BadRecord, Record, duplicate_ids, load_records, resolve_data
+from .records import Record, duplicate_ids, load_records
 
 PRINT_LIMIT = 50  # bad records printed; the rest are in --json
 CHUNK = 256  # images per pool task: large enough to amortise pickling, small enough for a live progress bar
@@ -34,40 +30,19 @@ MIN_POOL = 256  # fewer unique images than this are checked in-process (a pool c
 
 
 @dataclass
-class CheckConfig:
-    data: str | list = field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json (in a "
-                                                   "--config file also a list of sources: see data/sources.py)")
-    image_dir: str | None = image_dir_field()
-    split: str | None = split_field()
-    json: str | None = field(None, help="write the full report (every bad record) to this JSON file")
-    model: str | None = field(None, help="model folder whose tokenizer counts tokens for the too_long check")
-    max_length: int | None = field(None, help="with --model: flag records longer than this many tokens (default: "
-                                              "train's default max_length, 2048, or the model's context if shorter)")
-    workers: int = field(0, help="processes decoding images; 0: one per CPU core, 1: no pool")
-
-    def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {self.workers}")
-        if self.max_length is not None and self.max_length < 1:
-            raise UsageError(f"--max-length must be >= 1, got {self.max_length}")
-        if self.model is None and self.max_length is not None:
-            raise UsageError("--max-length needs --model (its tokenizer counts the tokens)")
-
-
-@dataclass
 class CheckReport:
-    """What a check found: ``bad`` holds (id, reason, detail); ``usable`` the records that passed, in order;
+    """What a check found: ``bad`` the records rejected; ``usable`` the records that passed, in order;
     ``duplicates`` {id: count} for ids that several parsed records carry."""
 
     total: int
-    bad: list[tuple[str, str, str]]
+    bad: list[Rejected]
     usable: list[Record]
-    duplicates: dict[str, int] = dc_field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
         """Bad records per reason, most frequent first."""
-        return dict(Counter(reason for _, reason, _ in self.bad).most_common())
+        return dict(Counter(r.reason for r in self.bad).most_common())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,35 +50,35 @@ class CheckReport:
             "usable": len(self.usable),
             "bad_count": len(self.bad),
             "counts": self.counts,
-            "bad": [{"id": i, "reason": r, "detail": d} for i, r, d in self.bad],
+            "bad": [r.as_dict() for r in self.bad],
             "duplicate_ids": self.duplicates,
         }
 
 
-def _check_images(root: str, items: Sequence[tuple[int, str]]) -> list[tuple[int, str, str]]:
-    """(index, reason, detail) for each image in ``items`` that cannot be resolved or decoded."""
-    out = []
+def _check_images(root: str, items: Sequence[tuple[int, str]]) -> dict[int, BadRecord]:
+    """{index: why} for each image in ``items`` that cannot be resolved or decoded."""
+    out = {}
     for index, rel in items:
         try:
             check_image(resolve_image(root, rel))
         except BadRecord as e:
-            out.append((index, e.reason, e.detail))
+            out[index] = e
     return out
 
 
-def _image_failures(images: list[str], root: Path, workers: int, progress: bool) -> dict[int, tuple[str, str]]:
-    """{index into ``images``: (reason, detail)}, decoding in ``workers`` processes."""
+def _image_failures(images: list[str], root: Path, workers: int, progress: bool) -> dict[int, BadRecord]:
+    """{index into ``images``: why}, decoding in ``workers`` processes."""
     from tqdm import tqdm
 
     items = list(enumerate(images))
     workers = workers or os.cpu_count() or 1
-    found: dict[int, tuple[str, str]] = {}
+    found: dict[int, BadRecord] = {}
     bar = tqdm(total=len(items), unit="img", desc="images", disable=not progress or None, file=sys.stderr)
     with bar:
         if workers == 1 or len(items) < MIN_POOL:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start:start + CHUNK]
-                found.update({i: (r, d) for i, r, d in _check_images(str(root), chunk)})
+                found.update(_check_images(str(root), chunk))
                 bar.update(len(chunk))
             return found
         # spawn, not fork: the caller may hold threads (tqdm, torch) that fork would copy half-locked.
@@ -111,7 +86,7 @@ def _image_failures(images: list[str], root: Path, workers: int, progress: bool)
             futures = {pool.submit(_check_images, str(root), items[s:s + CHUNK]): min(CHUNK, len(items) - s)
                        for s in range(0, len(items), CHUNK)}
             for fut in as_completed(futures):
-                found.update({i: (r, d) for i, r, d in fut.result()})
+                found.update(fut.result())
                 bar.update(futures[fut])
     return found
 
@@ -129,7 +104,7 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
     failures = _image_failures(images, root, workers, progress)
     failed = {images[i]: why for i, why in failures.items()}
 
-    bad: list[tuple[str, str, str]] = []
+    bad: list[Rejected] = []
     usable: list[Record] = []
     for rec in _maybe_progress(records, progress and length_fn is not None, "lengths"):
         why = failed.get(rec.image) if rec.image is not None else None
@@ -138,19 +113,19 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
         if why is None:
             usable.append(rec)
         else:
-            bad.append((rec.id, why[0], why[1]))
+            bad.append(why.rejected(rec.id))
     return CheckReport(total=len(records), bad=bad, usable=usable, duplicates=duplicate_ids(list(records)))
 
 
-def _length_verdict(length_fn: Callable[[Record], int], rec: Record, max_length: int) -> tuple[str, str] | None:
-    """(reason, detail) when ``rec`` does not fit ``max_length`` or cannot be tokenised at all."""
+def _length_verdict(length_fn: Callable[[Record], int], rec: Record, max_length: int) -> BadRecord | None:
+    """Why ``rec`` does not fit ``max_length`` or cannot be tokenised at all; None when it fits."""
     try:
         n = length_fn(rec)
     except BadRecord as e:  # e.g. empty_supervision: the chat template marks no answer token
-        return e.reason, e.detail
+        return e
     except Exception as e:  # the tokenizer's own failure on this record: its reason, not the check's end
-        return "encode_failed", f"{type(e).__name__}: {e}"
-    return ("too_long", f"{n} tokens > max_length {max_length}") if n > max_length else None
+        return BadRecord("encode_failed", f"{type(e).__name__}: {e}")
+    return BadRecord("too_long", f"{n} tokens > max_length {max_length}") if n > max_length else None
 
 
 def _maybe_progress(records: Sequence[Record], show: bool, desc: str) -> Iterable[Record]:
@@ -188,47 +163,7 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
     for reason, n in report.counts.items():
         print(f"  {reason:<{width}}  {n:,}", file=out)
     print("bad records:", file=out)
-    for rid, reason, detail in report.bad[:limit]:
-        print(f"  {rid}  {reason}  {detail}", file=out)
+    for r in report.bad[:limit]:
+        print(f"  {r.id}  {r.reason}  {r.detail}", file=out)
     if len(report.bad) > limit:
         print(f"  … and {len(report.bad) - limit:,} more (see --json)", file=out)
-
-
-def _length_check(cfg: CheckConfig) -> tuple[Callable[[Record], int] | None, int | None]:
-    """(record -> token count, the limit) with ``--model``; the limit defaults to what training would use."""
-    if cfg.model is None:
-        return None, None
-    from llava_lora.prompts import DEFAULT_MAX_LENGTH, model_context_length, record_length_fn
-
-    if not (Path(cfg.model) / "config.json").is_file():
-        raise UsageError(f"--model {cfg.model}: not a MODEL_DIR (no config.json)")
-    limit = cfg.max_length
-    if limit is None:
-        context = model_context_length(cfg.model)
-        limit = min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
-        print(f"too_long check: max_length {limit} (train's default {DEFAULT_MAX_LENGTH}; the model's context "
-              f"{context}); set it with --max-length")
-    return record_length_fn(cfg.model), limit
-
-
-def main(cfg: CheckConfig) -> int:
-    from .sources import parse_sources
-
-    sources = parse_sources(cfg.data, cfg.split, cfg.image_dir)
-    if len(sources) > 1 and (cfg.split or cfg.image_dir):
-        raise UsageError("with a list of data sources, give each its own image_dir and split")
-    length_fn, max_length = _length_check(cfg)
-    payloads, bad = [], 0
-    for src in sources:  # each source with its own image root: one report each, and one exit code for all
-        file, root = resolve_data(src.path, src.split, src.image_dir)
-        report = check_file(file, root, workers=cfg.workers, length_fn=length_fn, max_length=max_length)
-        if report.total == 0:
-            raise UsageError(f"{file}: holds no records")
-        print_report(report, file, root)
-        payloads.append({"data": str(file), "image_root": str(root), "weight": src.weight, **report.to_dict()})
-        bad += len(report.bad)
-    if cfg.json:
-        payload = payloads[0] if len(payloads) == 1 else {"sources": payloads}
-        Path(cfg.json).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-        print(f"report written to {cfg.json}")
-    return 0 if not bad else 1

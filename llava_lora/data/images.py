@@ -2,14 +2,12 @@
 command: data check, train, eval, generate and the demo all open images here.
 
     path = resolve_image(root, rec.image)            # BadRecord if it escapes root, is missing or not a file
-    kept, bad = locate_records(records, root)        # the same verdict for a whole data set, by stat: no decode
+    kept, bad = locate_records(records, root)        # the same verdict for a data set, by stat: bad is [Rejected]
     img = open_image(path)                           # RGB, EXIF orientation applied, fully decoded, or BadRecord
     check_image(path)                                # open_image's verdict, faster (data check)
 
-Reasons (``BadRecord.reason``): image_path_escapes_root, missing_image, not_a_file, empty_image,
-unreadable_image, not_an_image, truncated_image, undecodable_image, image_too_large, extreme_aspect_ratio,
-unsupported_image_mode; ``preprocess_failed`` is given by the callers whose image processor refuses pixels
-that decoded.
+Reasons (``BadRecord.reason``): ``errors.IMAGE_REASONS``; of them, ``preprocess_failed`` is given by the
+callers whose image processor refuses pixels that decoded.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRecord
+from ..errors import BadRecord, Rejected
 
 # Decoded-pixel limit: a 50 MP image is ~150 MB as RGB; anything larger is a mistake or a decompression bomb.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -29,12 +27,6 @@ MAX_IMAGE_PIXELS = 50_000_000
 # 1x4000 image becomes 336x1,344,000 pixels (1.35 GB, 24 s on one core) to keep a 336x336 crop of its middle.
 MAX_ASPECT_RATIO = 20
 ORIENTATION = 0x0112  # the EXIF tag
-
-IMAGE_REASONS = (
-    "image_path_escapes_root", "missing_image", "not_a_file", "empty_image", "unreadable_image", "not_an_image",
-    "truncated_image", "undecodable_image", "image_too_large", "extreme_aspect_ratio", "unsupported_image_mode",
-    "preprocess_failed",
-)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,8 +69,8 @@ def _locate(real_root: str, root: Path, rel: str) -> BadRecord | None:
     return None
 
 
-def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any], list[tuple[str, str, str]]]:
-    """(records whose image is a file under ``root`` or who have none, [(id, reason, detail)] for the others).
+def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any], list[Rejected]]:
+    """(records whose image is a file under ``root`` or who have none, a ``Rejected`` for each other).
 
     A stat per distinct image, no decoding: training drops these before step 1, so that the sampler never draws
     a record that cannot load. Files that exist but do not decode are found later, when a worker opens them.
@@ -93,7 +85,7 @@ def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any],
                 verdicts[rec.image] = _locate(real_root, root, rec.image)
             why = verdicts[rec.image]
             if why is not None:
-                bad.append((rec.id, why.reason, why.detail))
+                bad.append(why.rejected(rec.id))
                 continue
         kept.append(rec)
     return kept, bad

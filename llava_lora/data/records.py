@@ -4,12 +4,11 @@ A record on disk: ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "
 ("role" is accepted for "from", "user"/"assistant" for the speakers, "content" for "value"). ``<image>``
 stands at the start or the end of the first human turn.
 
-    records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [(id, reason, detail), ...]
+    records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [Rejected(id, reason, detail), ...]
     duplicate_ids(records)                                        # {id: count} of ids used more than once
 
-Record reasons (``BadRecord.reason``): invalid_json (one garbled JSONL line, named "line N"), not_an_object,
-missing_id, bad_image_field, multiple_images, no_conversations, bad_turn, unknown_speaker, non_string_text,
-turns_out_of_order, no_assistant_answer, image_token_mismatch. Image reasons: see ``images.py``.
+A bad record's reason is one of ``errors.RECORD_REASONS`` (``invalid_json``: a garbled JSONL line, named
+"line N"); its image's, one of ``errors.IMAGE_REASONS`` (see ``images.py``).
 
 Duplicate ids are reported (``data check``, train's data report) and the records still used: LLaVA mixtures
 repeat ids across their sources, and each record is a sample in its own right.
@@ -29,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRecord, UsageError
+from ..errors import BadRecord, Rejected, UsageError
 # Images live in images.py; these names stay importable from here.
-from .images import IMAGE_REASONS, MAX_IMAGE_PIXELS, check_image, open_image, resolve_image  # noqa: F401
+from .images import MAX_IMAGE_PIXELS, check_image, open_image, resolve_image  # noqa: F401
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -49,11 +48,6 @@ class Record:
     turns: tuple[Turn, ...]  # alternating, starting with "user", ending with "assistant"
     image_first: bool = True  # True: <image> stood before the first user text; False: after it
 
-
-RECORD_REASONS = (
-    "not_an_object", "missing_id", "bad_image_field", "multiple_images", "no_conversations", "bad_turn",
-    "unknown_speaker", "non_string_text", "turns_out_of_order", "no_assistant_answer", "image_token_mismatch",
-)
 
 # ---------------------------------------------------------------------------------------------------------
 # Where the data is
@@ -306,7 +300,7 @@ def _strip_placeholder(turns: list[tuple[str, str]], has_image: bool) -> tuple[s
 
 
 def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Record:
-    """One raw record -> Record, or ``BadRecord(reason, detail)`` (reasons in the module docstring).
+    """One raw record -> Record, or ``BadRecord(reason, detail)`` (a reason of ``errors.RECORD_REASONS``).
 
     ``_turn_cache`` shares equal user Turns between records: CC3M asks the same ~11 questions 595K times.
     """
@@ -332,14 +326,14 @@ def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Recor
     return Record(rid, image, tuple(out), image_first)
 
 
-def load_records(path: str | Path) -> tuple[list[Record], list[tuple[str, str, str]]]:
-    """(good records, [(id, reason, detail)] for the bad ones) of a JSON or JSONL file.
+def load_records(path: str | Path) -> tuple[list[Record], list[Rejected]]:
+    """(good records, a ``Rejected`` for each bad one) of a JSON or JSONL file.
 
     A garbled JSONL line is the bad record ``line N`` (reason ``invalid_json``); a file in which no line parses
     is not JSONL at all: UsageError.
     """
     good: list[Record] = []
-    bad: list[tuple[str, str, str]] = []
+    bad: list[Rejected] = []
     cache: dict[str, Turn] = {}
     first_bad_line: BadLine | None = None
     parsed = 0
@@ -350,13 +344,13 @@ def load_records(path: str | Path) -> tuple[list[Record], list[tuple[str, str, s
         for index, raw in enumerate(iter_raw(path, lenient=True)):
             if isinstance(raw, BadLine):
                 first_bad_line = first_bad_line or raw
-                bad.append((f"line {raw.line}", "invalid_json", raw.message))
+                bad.append(Rejected(f"line {raw.line}", "invalid_json", raw.message))
                 continue
             parsed += 1
             try:
                 good.append(parse_record(raw, index, cache))
             except BadRecord as e:
-                bad.append((record_id(raw, index), e.reason, e.detail))
+                bad.append(e.rejected(record_id(raw, index)))
     finally:
         if was_enabled:
             gc.enable()

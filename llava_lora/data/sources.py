@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import Rejected, UsageError
 from .images import locate_records
 from .records import Record, load_records, resolve_data
 
@@ -63,7 +63,7 @@ class Mixture:
     records: list[Record] = field(default_factory=list)
     roots: list[Path] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
-    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (id, reason, detail naming the source)
+    rejected: list[Rejected] = field(default_factory=list)  # their details name the source, when there are several
     files: list[tuple[Path, Path, int]] = field(default_factory=list)  # (records file, image root, usable records)
 
     @property
@@ -83,7 +83,7 @@ def load_mixture(sources: list[Source], seed: int, locate: bool = True) -> Mixtu
         if locate:
             records, unlocated = locate_records(records, root)
             bad = bad + unlocated
-        mix.rejected += [(i, r, f"{d} (source {data_file})" if named else d) for i, r, d in bad]
+        mix.rejected += [r.with_source(str(data_file)) for r in bad] if named else bad
         mix.files.append((data_file, root, len(records)))
         whole, frac = divmod(src.weight, 1.0)
         picks = list(range(len(records))) * int(whole)
