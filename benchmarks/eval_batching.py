@@ -6,7 +6,7 @@ Model: the ``proportional`` shape (benchmarks/shapes/proportional.yaml), random 
 download): a Qwen2 LM of hidden 512, 8 layers, intermediate 1376, vocab 8192 (rows padded beyond the tiny BPE
 tokenizer, as Qwen pads its own), and a CLIP tower of image 336 / patch 14 (576 image tokens), hidden 256,
 4 layers, composed by ``llava-lora build``. Samples: synthetic shape questions, one image each, so every prompt
-is ~620 tokens and prefill dominates on a CPU. Both runs go through ``evaluate.predict``, the code path of
+is ~620 tokens and prefill dominates on a CPU. Both runs go through ``answers.predict``, the code path of
 ``llava-lora eval``, on the same samples, after an untimed warm-up of both (the first call of a shape builds its
 kernels). The machine may be shared: the two runs alternate ``--rounds`` times and the fastest time of each
 counts. Prints samples/s for both, their ratio (target >= 1.5x) and whether the greedy answers are identical.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llava_lora import evaluate
+from llava_lora import answers
 from llava_lora.data import synth
 from llava_lora.data.records import load_records, resolve_data
 from llava_lora.inference import GenerationSettings
@@ -34,7 +34,7 @@ from workloads import make_model
 
 def timed(model, processor, records, root, settings, batch_size: int) -> tuple[list[str], float]:
     start = time.perf_counter()
-    preds, skipped = evaluate.predict(model, processor, records, root, settings, batch_size, ("base",),
+    preds, skipped = answers.predict(model, processor, records, root, settings, batch_size, ("base",),
                                       progress=False)
     seconds = time.perf_counter() - start
     assert not skipped

@@ -60,11 +60,6 @@ class Rejected:
         """The same entry, its detail naming the data source it came from (a mixture's reports)."""
         return replace(self, detail=f"{self.detail} (source {name})")
 
-    def __iter__(self):
-        # evaluate.main still unpacks load_records' rejects as (id, reason, detail); the lead moves it to
-        # as_dict() and removes this
-        return iter((self.id, self.reason, self.detail))
-
 
 class BadRecord(Exception):
     """A record that cannot be used; ``reason`` is one of ``REASONS``, ``detail`` says what was found (for an

@@ -24,14 +24,13 @@ from typing import Any
 from . import config as cfglib
 from . import metrics, prompts
 from .config import device_field, field, image_dir_field, load_dtype_field, model_field, split_field
-from .data.images import open_image, resolve_image
-from .data.records import BadRecord, Record, load_records, resolve_data
+from .answers import SYSTEMS, Prediction, predict
+from .data.records import Record, load_records, resolve_data
 from .errors import UsageError
+from .inference import GenerationSettings, settings_from
 from .outdirs import OVERWRITE_HELP, check_out, new_folder
-from .inference import GenerationSettings, answer_each, settings_from
 
 OUTPUTS = ("predictions.jsonl", "summary.json", "report.md", "eval.yaml")
-SYSTEMS = ("base", "finetuned")
 LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
 
@@ -67,19 +66,8 @@ class EvalConfig(GenerationSettings):
             raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
-@dataclass
-class Prediction:
-    id: str
-    question: str
-    reference: str
-    answers: dict[str, str]  # system ("base" / "finetuned") -> answer
-
-    def row(self) -> dict[str, str]:
-        return {"id": self.id, "question": self.question, "reference": self.reference, **self.answers}
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Samples and generation
+# Samples
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -93,84 +81,6 @@ def choose_records(records: list[Record], limit: int | None, index: int | None, 
                              f"(0..{len(records) - 1})")
         return [records[index]]
     return records[:limit] if limit is not None else records
-
-
-def load_image(record: Record, image_root: Path):
-    """The record's image (RGB) or None for a text-only record; BadRecord when it cannot be read."""
-    if record.image is None:
-        return None
-    return open_image(resolve_image(image_root, record.image))
-
-
-def predict(model, processor, records: Sequence[Record], image_root: Path, settings: GenerationSettings,
-            batch_size: int, systems: Sequence[str] = SYSTEMS, progress: bool = True
-            ) -> tuple[list[Prediction], list[dict[str, str]]]:
-    """(predictions in ``records`` order, skipped samples) answered by each of ``systems``.
-
-    Each batch's images are decoded and preprocessed once, and go through the frozen vision tower once, for the
-    base (adapter off) and the fine-tuned model (adapter on) alike. Records are batched by prompt length, so that short prompts do not wait on padding.
-    """
-    from tqdm.auto import tqdm
-
-    asked = []  # [(templated prompt, reference)], by position: ids need not be unique in user data
-    for rec in records:
-        msgs, reference = prompts.prompt_and_reference(rec)
-        asked.append((prompts.generation_prompt(processor.tokenizer, msgs), reference))
-    order = sorted(range(len(records)), key=lambda i: len(asked[i][0]))
-    done: dict[int, Prediction] = {}
-    skipped: list[dict[str, str]] = []
-    with tqdm(total=len(records), desc="eval", unit="sample", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            kept, images = [], []
-            for i in order[start:start + batch_size]:
-                try:
-                    images.append(load_image(records[i], image_root))
-                    kept.append(i)
-                except BadRecord as e:
-                    skipped.append({"id": records[i].id, "reason": e.reason, "detail": e.detail, "when": "image"})
-            for i, outs in _answer_batch(model, processor, kept, images, asked, settings, systems, records, skipped):
-                done[i] = Prediction(records[i].id, prompts.question(records[i]), asked[i][1], outs)
-            bar.update(len(order[start:start + batch_size]))
-    return [done[i] for i in sorted(done)], skipped
-
-
-def _answer_batch(model, processor, kept: list[int], images: list, asked: list[tuple[str, str]],
-                  settings: GenerationSettings, systems: Sequence[str], records: Sequence[Record],
-                  skipped: list[dict[str, str]]) -> list[tuple[int, dict[str, str]]]:
-    """[(record position, {system: answer})] for one batch. If the batch fails, each sample is asked alone; one
-    whose image the processor refuses is skipped with that reason (one image never ends an evaluation), while a
-    failure of the model itself is raised."""
-    if not kept:
-        return []
-    texts = [asked[i][0] for i in kept]
-    try:
-        # one preprocessing and one vision-tower pass for the base and the fine-tuned answers
-        outs = dict(zip(systems, answer_each(model, processor, texts, images, settings,
-                                             [s == "finetuned" for s in systems])))
-    except Exception:
-        if len(kept) > 1:
-            return [row for k, i in enumerate(kept)
-                    for row in _answer_batch(model, processor, [i], [images[k]], asked, settings, systems, records,
-                                             skipped)]
-        refusal = _processor_refusal(processor, images[0])
-        if refusal is None:
-            raise
-        rec = records[kept[0]]
-        skipped.append({"id": rec.id, "reason": "preprocess_failed", "detail": f"{rec.image}: {refusal}",
-                        "when": "generation"})
-        return []
-    return [(i, {s: outs[s][k] for s in systems}) for k, i in enumerate(kept)]
-
-
-def _processor_refusal(processor, image) -> str | None:
-    """Why the image processor refuses ``image`` ("Type: message"), or None when it takes it (or there is none)."""
-    if image is None:
-        return None
-    try:
-        processor.image_processor(images=image, return_tensors="pt")
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,7 +231,7 @@ def metric_columns(systems: Sequence[str]) -> list[str]:
 def main(cfg: EvalConfig) -> int:
     import torch
 
-    from .modeling import format_param_stats, format_table, load_model
+    from .modeling import load_model
 
     data_file, image_root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
     records, bad = load_records(data_file)
@@ -339,29 +249,40 @@ def main(cfg: EvalConfig) -> int:
     predictions, skipped = predict(model, processor, chosen, image_root, settings_from(cfg), cfg.batch_size,
                                    systems, progress=cfg.index is None)
     seconds = time.perf_counter() - start
-    if cfg.index is None:  # the training loss on the same records (teacher-forced, every answer supervised)
-        from .heldout import model_loss
-
-        losses = {s: model_loss(model, processor, chosen, image_root, cfg.batch_size, adapter=s == "finetuned")
-                  for s in systems}
     if cfg.index is not None:
         print(show_one(chosen[0], predictions[0] if predictions else None, skipped))
     if not predictions:
         raise UsageError(f"{data_file}: every selected sample was skipped (first: {skipped[0]['id']}: "
                          f"{skipped[0]['reason']})")
-
     # records the file could not parse come first: they are the data set's, whatever --limit chose
-    skipped = [{"id": i, "reason": r, "detail": d, "when": "loading"} for i, r, d in bad] + skipped
+    skipped = [{**r.as_dict(), "when": "loading"} for r in bad] + skipped
     summary = build_summary(cfg, model, data_file, image_root, predictions, skipped, systems, seconds)
     if cfg.index is None:
-        summary["loss"] = {s: {"loss": loss, "tokens": n} for s, (loss, n) in losses.items()}
-        print(format_table(metric_rows(summary["metrics"]), metric_columns(systems)))
-        print("loss (mean over answer tokens): " + ", ".join(f"{LABELS[s]} {loss:.4f}"
-                                                             for s, (loss, _) in losses.items()))
-        print("\n" + format_param_stats(summary["param_stats"]))
-        print(f"\n{len(predictions)} samples in {seconds:.1f} s ({summary['samples_per_s']} samples/s), "
-              f"{len(skipped)} skipped")
+        add_losses(summary, model, processor, chosen, image_root, cfg.batch_size, systems)
+        print_summary(summary, systems)
     if out is not None:
         write_outputs(out, cfg, summary, predictions)
         print(f"wrote {', '.join(OUTPUTS)} to {out}")
     return 0
+
+
+def add_losses(summary: dict[str, Any], model, processor, records: list[Record], image_root: Path,
+               batch_size: int, systems: Sequence[str]) -> None:
+    """Each system's training loss on the same records (teacher-forced, every answer supervised)."""
+    from .heldout import model_loss
+
+    summary["loss"] = {}
+    for s in systems:
+        loss, tokens = model_loss(model, processor, records, image_root, batch_size, adapter=s == "finetuned")
+        summary["loss"][s] = {"loss": loss, "tokens": tokens}
+
+
+def print_summary(summary: dict[str, Any], systems: Sequence[str]) -> None:
+    from .modeling import format_param_stats, format_table
+
+    print(format_table(metric_rows(summary["metrics"]), metric_columns(systems)))
+    print("loss (mean over answer tokens): " + ", ".join(f"{LABELS[s]} {v['loss']:.4f}"
+                                                         for s, v in summary["loss"].items()))
+    print("\n" + format_param_stats(summary["param_stats"]))
+    print(f"\n{summary['samples']} samples in {summary['seconds']:.1f} s ({summary['samples_per_s']} samples/s), "
+          f"{len(summary['skipped'])} skipped")

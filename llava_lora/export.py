@@ -86,7 +86,7 @@ def self_check_samples(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
         return records, images
 
     from .data.records import load_records, resolve_data
-    from .evaluate import load_image
+    from .answers import load_image
 
     data_file, root = resolve_data(cfg.data, cfg.split, cfg.image_dir)
     records, images = [], []

@@ -125,7 +125,7 @@ class HeldOut:
             return None
         import json
 
-        from .evaluate import predict
+        from .answers import predict
         from .inference import GenerationSettings
 
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens)

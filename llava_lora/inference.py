@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import prompts
 from .config import field
+from .modeling import llava_of
 
 
 @dataclass
@@ -51,10 +52,6 @@ def adapter_switch(model, enabled: bool):
     return model.disable_adapter()
 
 
-def _llava(model):
-    """The LlavaForConditionalGeneration inside a peft model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
 
 @contextlib.contextmanager
 def vision_once(model) -> Iterator[None]:
@@ -65,7 +62,7 @@ def vision_once(model) -> Iterator[None]:
     after it differs (it is trained), and it still runs for each. The cache holds one batch and ends with the
     context.
     """
-    tower = _llava(model).model.vision_tower
+    tower = llava_of(model).model.vision_tower
     run = tower.forward
     cache: dict[tuple, object] = {}
 

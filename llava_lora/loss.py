@@ -6,12 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .modeling import llava_of
 from .prompts import IGNORE_INDEX
 
-
-def _llava(model):
-    """The LlavaForConditionalGeneration inside a peft model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class LlavaLoss(torch.nn.Module):
@@ -26,7 +23,7 @@ class LlavaLoss(torch.nn.Module):
     def __init__(self, peft_model, fused_loss: bool = False):
         super().__init__()
         self.peft_model = peft_model
-        llava = _llava(peft_model)
+        llava = llava_of(peft_model)
         layer = llava.config.vision_feature_layer
         self.feature_layers = [layer] if isinstance(layer, int) else list(layer)
         self.drop_cls = llava.config.vision_feature_select_strategy == "default"
@@ -37,7 +34,7 @@ class LlavaLoss(torch.nn.Module):
             self.fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None):
-        llava = _llava(self.peft_model)
+        llava = llava_of(self.peft_model)
         embeds = llava.model.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
             tower = llava.model.vision_tower

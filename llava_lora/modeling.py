@@ -250,13 +250,16 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     return model, processor
 
 
+def llava_of(model):
+    """The LlavaForConditionalGeneration inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def contiguous_head_input(model) -> None:
     """Hand the lm_head a contiguous input. Generation gives it the last position of each row, a strided slice of
     [B, T, D]; a bias-free Linear on a non-contiguous 3-D bf16 input on a CPU becomes a bmm that copies the weight
     once per row (pytorch/pytorch#151934): at Qwen1.5-4B's vocabulary, 3 GB and 10 s more per prefill of 4 rows."""
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-
     def contiguous(module, args):
         return (args[0].contiguous(), *args[1:])
 
-    llava.lm_head.register_forward_pre_hook(contiguous)
+    llava_of(model).lm_head.register_forward_pre_hook(contiguous)

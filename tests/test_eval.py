@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _eval_fixtures import World, eval_world
-from llava_lora import cli, evaluate
+from llava_lora import answers, cli, evaluate
 from llava_lora.data.records import load_records, resolve_data
 from llava_lora.inference import GenerationSettings
 from llava_lora.metrics import METRICS
@@ -121,8 +121,8 @@ def test_index_shows_one_sample_in_full(world, capsys, tmp_path, monkeypatch):
 def test_batched_and_one_by_one_greedy_answers_are_identical(tuned, mixed):
     model, processor = tuned
     records, root = mixed
-    batched, skipped = evaluate.predict(model, processor, records, root, SETTINGS, batch_size=8, progress=False)
-    single, _ = evaluate.predict(model, processor, records, root, SETTINGS, batch_size=1, progress=False)
+    batched, skipped = answers.predict(model, processor, records, root, SETTINGS, batch_size=8, progress=False)
+    single, _ = answers.predict(model, processor, records, root, SETTINGS, batch_size=1, progress=False)
     assert skipped == [] and len(batched) == len(records)
     assert [p.answers for p in batched] == [p.answers for p in single]
     # the multi-turn records are asked their last question, with the history before it
@@ -146,10 +146,10 @@ def test_vision_tower_runs_once_per_batch_for_base_and_finetuned(tuned, mixed):
     calls = []
     hook = tower.register_forward_hook(lambda *_: calls.append(1))
     try:
-        both, _ = evaluate.predict(model, processor, with_images, root, SETTINGS, 8, progress=False)
+        both, _ = answers.predict(model, processor, with_images, root, SETTINGS, 8, progress=False)
         assert len(calls) == 1  # one batch: the tower ran once for both systems
         calls.clear()
-        alone = {s: evaluate.predict(model, processor, with_images, root, SETTINGS, 8, (s,), progress=False)[0]
+        alone = {s: answers.predict(model, processor, with_images, root, SETTINGS, 8, (s,), progress=False)[0]
                  for s in ("base", "finetuned")}
         assert len(calls) == 2
     finally:
@@ -168,7 +168,7 @@ def test_lm_head_sees_a_contiguous_input_in_batched_generation(tuned, mixed):
     head = model.get_base_model().lm_head
     hook = head.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape, args[0].is_contiguous())))
     try:
-        evaluate.predict(model, processor, [r for r in records if r.image][:3], root, SETTINGS, 3, progress=False)
+        answers.predict(model, processor, [r for r in records if r.image][:3], root, SETTINGS, 3, progress=False)
     finally:
         hook.remove()
     assert any(shape[0] == 3 and shape[1] == 1 for shape, _ in seen)  # the batched prefill's last positions
@@ -178,11 +178,11 @@ def test_lm_head_sees_a_contiguous_input_in_batched_generation(tuned, mixed):
 def test_base_answers_equal_the_model_loaded_without_adapter(world, tuned, mixed):
     model, processor = tuned
     records, root = mixed
-    with_adapter, _ = evaluate.predict(model, processor, records, root, SETTINGS, 4, ("base",), progress=False)
+    with_adapter, _ = answers.predict(model, processor, records, root, SETTINGS, 4, ("base",), progress=False)
     plain_model, plain_processor = load_model(world.model, device="cpu")
-    plain, _ = evaluate.predict(plain_model, plain_processor, records, root, SETTINGS, 4, ("base",), progress=False)
+    plain, _ = answers.predict(plain_model, plain_processor, records, root, SETTINGS, 4, ("base",), progress=False)
     assert [p.answers["base"] for p in with_adapter] == [p.answers["base"] for p in plain]
-    tuned_answers, _ = evaluate.predict(model, processor, records, root, SETTINGS, 4, ("finetuned",), progress=False)
+    tuned_answers, _ = answers.predict(model, processor, records, root, SETTINGS, 4, ("finetuned",), progress=False)
     assert [p.answers["finetuned"] for p in tuned_answers] != [p.answers["base"] for p in plain]  # the switch works
 
 

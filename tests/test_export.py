@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from _eval_fixtures import World, eval_world
-from llava_lora import cli, evaluate, export
+from llava_lora import answers, cli, export
 from llava_lora.data.records import Record, Turn, load_records, resolve_data
 from llava_lora.inference import GenerationSettings
 from llava_lora.modeling import load_model
@@ -53,9 +53,9 @@ def test_float32_export_answers_exactly_as_base_plus_adapter(world, tmp_path, ca
     assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
     file, root = resolve_data(world.data, "test")
     records = load_records(file)[0][8:20]  # other samples than the self-check's
-    got, _ = evaluate.predict(merged, processor, records, root, SETTINGS, 4, ("base",), progress=False)
+    got, _ = answers.predict(merged, processor, records, root, SETTINGS, 4, ("base",), progress=False)
     tuned, tuned_processor = load_model(world.model, world.run, dtype="float32", device="cpu")
-    want, _ = evaluate.predict(tuned, tuned_processor, records, root, SETTINGS, 4, ("finetuned",), progress=False)
+    want, _ = answers.predict(tuned, tuned_processor, records, root, SETTINGS, 4, ("finetuned",), progress=False)
     assert [p.answers["base"] for p in got] == [p.answers["finetuned"] for p in want]
 
     # parts the adapter does not touch are the base's tensors; the projector is the trained one

@@ -53,8 +53,8 @@ def test_weights_roots_and_sources(two_sources: tuple[Path, Path], tmp_path: Pat
     assert by_source[str(b)] == 3  # half of the 5 locatable records in b, rounded half up
     assert all(root == (a / "images_dl" if name.startswith(str(a)) else tmp_path / "b-images")
                for root, name in zip(mix.roots, mix.names))
-    (rid, reason, detail), = mix.rejected
-    assert reason == "missing_image" and f"(source {b})" in detail
+    rejected, = mix.rejected
+    assert rejected.reason == "missing_image" and f"(source {b})" in rejected.detail
     again = load_mixture(sources, seed=0)
     assert [r.id for r in again.records] == [r.id for r in mix.records]  # the seed fixes the half
 

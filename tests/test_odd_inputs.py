@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 from _demo_fixtures import demo_assets, engine_for, free_port, running_demo  # noqa: F401
 from _model_fixtures import FAST, model_world
 from data_fixtures import png_header_only
-from llava_lora import cli, demo, evaluate, generate
+from llava_lora import answers, cli, demo, generate
 from llava_lora.data import images
 from llava_lora.batches import DropFailed, ResumableBatchSampler, TrainDataset
 from llava_lora.data.images import check_image, locate_records, open_image, resolve_image
@@ -85,7 +85,7 @@ def test_exif_rotated_jpeg_reaches_every_command_upright(corpus):
     assert check_image(stored) == UPRIGHT_SIZE
     # each command's own way of opening an image
     record = next(r for r in load_records(corpus.data)[0] if r.id == "exif_rotated")
-    _model_sees_upright(evaluate.load_image(record, corpus.root), stored)
+    _model_sees_upright(answers.load_image(record, corpus.root), stored)
     _model_sees_upright(generate.user_image(str(stored)), stored)
     _model_sees_upright(demo.checked_upload(str(stored), 10**7, 10**7), stored)
     samples = demo.Samples([record], corpus.root, str(corpus.data))
@@ -349,17 +349,17 @@ def test_a_batch_that_fails_in_eval_is_asked_sample_by_sample(corpus, monkeypatc
             raise ValueError("cannot infer the channel dimension of a 1x1 image")
         return [["red"] * len(texts) for _ in adapters]
 
-    monkeypatch.setattr(evaluate, "answer_each", fake_answer_each)
-    monkeypatch.setattr(evaluate.prompts, "generation_prompt", lambda tok, msgs: str(msgs))
+    monkeypatch.setattr(answers, "answer_each", fake_answer_each)
+    monkeypatch.setattr(answers.prompts, "generation_prompt", lambda tok, msgs: str(msgs))
     proc = type("P", (), {"tokenizer": None, "image_processor": _RefusingProcessor()})()
-    predictions, skipped = evaluate.predict(None, proc, records, corpus.root, None, batch_size=4, progress=False)
+    predictions, skipped = answers.predict(None, proc, records, corpus.root, None, batch_size=4, progress=False)
     assert sorted(p.id for p in predictions) == ["cmyk", "text_only", "webp"]
     assert [(s["id"], s["reason"]) for s in skipped] == [("one_px", "preprocess_failed")]
     assert "one_px.png: ValueError: cannot infer" in skipped[0]["detail"]
     # a failure of the model itself is not a record's fault: raised, not skipped
     proc.image_processor = lambda **kw: {}
     with pytest.raises(ValueError, match="cannot infer"):
-        evaluate.predict(None, proc, records, corpus.root, None, batch_size=4, progress=False)
+        answers.predict(None, proc, records, corpus.root, None, batch_size=4, progress=False)
 
 
 def test_generate_and_demo_refuse_what_the_processor_refuses_in_one_line(corpus, monkeypatch, capsys):
