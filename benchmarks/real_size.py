@@ -1,6 +1,6 @@
 """The seed's real size on this machine: every stage of the CLI on Qwen1.5-4B + CLIP-L/14-336 shapes (random weights).
 
-    .venv/bin/python benchmarks/real_size.py                  # ~20-25 min on 2 cores; sources cached after the first run
+    .venv/bin/python benchmarks/real_size.py                  # ~19 min on 2 idle cores; sources cached after the first run
     .venv/bin/python benchmarks/real_size.py --only eval-compare
     .venv/bin/python benchmarks/real_size.py --json out.json
 
@@ -11,7 +11,7 @@ Run it alone: a stage takes 9-13 GB, the fp32 comparison up to ~8 GB (wrap it in
    a CC3M-like data set of 16 photos and captions (``workloads.cc3m_like``).
 2. The user's commands, each in a process of its own, as a user types them (flags at their defaults unless
    listed): ``build``; ``train --batch-size 1`` and ``train --batch-size 6`` (gradient checkpointing on, the
-   default), ``--max-steps`` each; ``eval --limit 4 --max-new-tokens 8`` (base and fine-tuned); ``export`` (its
+   default), ``--steps`` steps each (default 2); ``eval --limit 4 --max-new-tokens 8`` (base and fine-tuned); ``export`` (its
    self-check at its defaults); ``generate --max-new-tokens 16``; ``demo`` up to its first answer (the server is
    started, ``/compare_sample`` asked once for sample 0 through ``gradio_client``, base and fine-tuned, 8 tokens).
 3. ``eval-compare``: eval today (the bf16 path of this tree) against the fp32 path before it (this package at
@@ -363,7 +363,7 @@ def cpu_model() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "real-size"), help="cache and outputs")
-    ap.add_argument("--steps", type=int, default=3, help="training steps per train stage")
+    ap.add_argument("--steps", type=int, default=2, help="training steps per train stage (the rate: those after the first)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="stages to run: build train-b1 train-b6-gc eval export generate demo eval-compare")
     ap.add_argument("--compare-layers", type=int, default=8, help="decoder layers of the eval comparison's model")
