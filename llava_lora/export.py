@@ -34,7 +34,7 @@ from .config import device_field, field, image_dir_field, split_field
 from .data.records import BadRecord, Record, Turn
 from .errors import UsageError
 from .outdirs import OVERWRITE_HELP, check_out, make_readable, move_into_place
-from .inference import GenerationSettings, prepare_inputs
+from .inference import GenerationSettings, answer_with_logits
 from .modeling import DTYPES, DtypeName, checkpoint_dtype, default_device, dtype_name, is_half, load_model
 
 EXPORT_FILE = "export.json"
@@ -111,19 +111,10 @@ class Probe:
 
 
 def probe(model, processor, records: list[Record], images: list[Any], tokens: int) -> Probe:
-    """Greedy answers of ``records`` in one batch; the first generated step's logits come with them (the
-    prompt's forward, no extra one)."""
-    import torch
-
+    """Greedy answers of ``records`` in one batch, with the first generated step's logits."""
     texts = [prompts.generation_prompt(processor.tokenizer, prompts.prompt_and_reference(r)[0]) for r in records]
-    inputs = prepare_inputs(model, processor, texts, images)
-    settings = GenerationSettings(max_new_tokens=tokens)
-    with torch.inference_mode():
-        out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=processor.tokenizer.pad_token_id,
-                             output_logits=True, return_dict_in_generate=True)
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    answers = [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return Probe(out.logits[0].float(), answers)
+    answers, logits = answer_with_logits(model, processor, texts, images, GenerationSettings(max_new_tokens=tokens))
+    return Probe(logits, answers)
 
 
 def self_check(expected: Probe | list[str], got: Probe | list[str], records: list[Record],

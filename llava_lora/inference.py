@@ -104,6 +104,19 @@ def generate(model, processor, inputs, settings: GenerationSettings, adapter: bo
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+@torch.inference_mode()
+def answer_with_logits(model, processor, prompts: list[str], images: list[Image.Image | None],
+                       settings: GenerationSettings) -> tuple[list[str], torch.Tensor]:
+    """Greedy answers as ``answer`` gives them, with the first generated step's logits [N, V] in float32 (the
+    prompt's forward, no extra one): what export's self-check compares before and after the merge."""
+    inputs = prepare_inputs(model, processor, prompts, images)
+    tokenizer = processor.tokenizer
+    out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id,
+                         output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)], out.logits[0].float()
+
+
 def answer(model, processor, prompts: list[str], images: list[Image.Image | None],
            settings: GenerationSettings, adapter: bool = True) -> list[str]:
     """One answer per (templated prompt, image or None), generated as one left-padded batch."""
