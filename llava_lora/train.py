@@ -29,6 +29,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from . import attention
 from . import config as cfglib
 from .adapters import RUN_FILE, apply_lora, init_from, save_adapter, wrapped_modules
 from .config import Alias, device_field, field, image_dir_field, model_field, split_field
@@ -113,9 +114,10 @@ class TrainConfig:
                                                     "--save-best)")
     save_best: bool = field(False, help="also keep the checkpoint of lowest held-out loss, named in run.json (needs "
                                         "--eval-data; each checkpoint is evaluated)")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = field(
+    attn_implementation: Literal["auto", "sdpa", "eager", "blocked_eager", "flash_attention_2"] = field(
         "auto", help="attention kernels; auto: flash_attention_2 on a GPU where the flash_attn package is installed, "
-                     "else sdpa")
+                     "blocked_eager (eager attention in causal query blocks, attention.py) for the language model on a "
+                     "CPU in bf16, else sdpa")
     fused_loss: Literal["auto", "on", "off"] = field(
         "auto", help="Liger's fused linear cross-entropy for the lm_head and the loss (GPU, liger-kernel package); "
                      "auto: where available")
@@ -177,12 +179,16 @@ def _lm_supports_sdpa(model_dir: str | None) -> bool:
     return getattr(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_config), None), "_supports_sdpa", True)
 
 
-def resolve_attn_implementation(choice: str, device: str, model_dir: str | None = None) -> str:
-    """The transformers ``attn_implementation`` of ``--attn-implementation`` on ``device`` (auto: flash attention
-    where installed on a GPU, else SDPA where the language model has it, else eager)."""
+def resolve_attn_implementation(choice: str, device: str, model_dir: str | None = None,
+                                precision: str = "fp32") -> str:
+    """The attention of ``--attn-implementation`` on ``device`` (auto: flash attention where installed on a GPU;
+    blocked eager on a CPU in bf16, where SDPA's CPU kernel gains nothing from bf16; else SDPA where the language
+    model has it, else eager)."""
     if choice == "auto":
         if device == "cuda" and _installed("flash_attn"):
             return "flash_attention_2"
+        if device == "cpu" and precision == "bf16":
+            return "blocked_eager"
         return "sdpa" if _lm_supports_sdpa(model_dir) else "eager"
     if choice == "flash_attention_2" and (device != "cuda" or not _installed("flash_attn")):
         raise UsageError("--attn-implementation flash_attention_2 needs a CUDA device and the flash-attn package "
@@ -409,9 +415,14 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
     kwargs = {}
     if cfg.quantize == "4bit":  # quantised on loading, onto this process's GPU (a 4-bit model is not moved after)
         kwargs = {"quantization_config": _quantization_config(dtype), "device_map": {"": gpu_index}}
+    blocked = attn_implementation == "blocked_eager"
+    if blocked:  # the vision tower keeps SDPA; the language model switches after loading
+        attn_implementation = "sdpa" if _lm_supports_sdpa(str(model_dir)) else "eager"
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype,
                                                               attn_implementation=attn_implementation, **kwargs)
+    if blocked:
+        attention.use_for_language_model(model)
     contiguous_head_input(model)  # held-out answers generate
     return model, AutoProcessor.from_pretrained(model_dir)
 
@@ -480,7 +491,8 @@ class Recipe:
         self.precision, self.precision_why = train_precision(cfg.precision, self.device)
         check_quantize(cfg.quantize, self.device)
         check_compile(cfg.compile, self.device)
-        self.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, self.device, cfg.model)
+        self.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, self.device, cfg.model,
+                                                               self.precision)
         self.fused_loss = resolve_fused_loss(cfg.fused_loss, self.device)
         # One process may run several trainings (a notebook, the tests), each with its own precision; accelerate
         # keeps the first one's in a process-wide singleton (the distributed state, PartialState, is kept).

@@ -41,17 +41,20 @@ def test_quantize_4bit_needs_bitsandbytes(monkeypatch):
     train.check_quantize("none", "cpu")
 
 
-@pytest.mark.parametrize("choice, device, installed, expected", [
-    ("auto", "cpu", ("flash_attn",), "sdpa"),  # flash-attn kernels are CUDA's
-    ("auto", "cuda", ("flash_attn",), "flash_attention_2"),
-    ("auto", "cuda", (), "sdpa"),
-    ("sdpa", "cuda", ("flash_attn",), "sdpa"),
-    ("eager", "cpu", (), "eager"),
-    ("flash_attention_2", "cuda", ("flash_attn",), "flash_attention_2"),
+@pytest.mark.parametrize("choice, device, precision, installed, expected", [
+    ("auto", "cpu", "fp32", ("flash_attn",), "sdpa"),  # flash-attn kernels are CUDA's
+    ("auto", "cpu", "bf16", (), "blocked_eager"),  # SDPA's CPU kernel gains nothing from bf16
+    ("auto", "cuda", "bf16", ("flash_attn",), "flash_attention_2"),
+    ("auto", "cuda", "bf16", (), "sdpa"),
+    ("sdpa", "cpu", "bf16", (), "sdpa"),
+    ("sdpa", "cuda", "fp32", ("flash_attn",), "sdpa"),
+    ("eager", "cpu", "fp32", (), "eager"),
+    ("blocked_eager", "cpu", "fp32", (), "blocked_eager"),
+    ("flash_attention_2", "cuda", "bf16", ("flash_attn",), "flash_attention_2"),
 ])
-def test_attn_implementation_resolution(monkeypatch, choice, device, installed, expected):
+def test_attn_implementation_resolution(monkeypatch, choice, device, precision, installed, expected):
     _packages(monkeypatch, *installed)
-    assert train.resolve_attn_implementation(choice, device) == expected
+    assert train.resolve_attn_implementation(choice, device, precision=precision) == expected
 
 
 @pytest.mark.parametrize("device, installed", [("cpu", ("flash_attn",)), ("cuda", ())])
