@@ -416,13 +416,13 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
     if cfg.quantize == "4bit":  # quantised on loading, onto this process's GPU (a 4-bit model is not moved after)
         kwargs = {"quantization_config": _quantization_config(dtype), "device_map": {"": gpu_index}}
     blocked = attn_implementation == "blocked_eager"
-    if blocked:  # the vision tower keeps SDPA; the language model switches after loading
+    if blocked:  # loaded with a built-in implementation, switched after loading
         attn_implementation = "sdpa" if _lm_supports_sdpa(str(model_dir)) else "eager"
     with quiet_transformers():
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype,
                                                               attn_implementation=attn_implementation, **kwargs)
     if blocked:
-        attention.use_for_language_model(model)
+        attention.use_blocked(model)
     contiguous_head_input(model)  # held-out answers generate
     return model, AutoProcessor.from_pretrained(model_dir)
 

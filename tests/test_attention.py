@@ -1,6 +1,6 @@
 """Blocked eager attention (``llava_lora/attention.py``) computes eager attention: the same outputs and gradients,
 in float32 to rounding, for every family's attention (GQA, Gemma 2's soft-capping and sliding window), with
-padding; and train runs it in the language model only.
+padding, and in the vision tower (not causal); and train runs it in both.
 
     .venv/bin/pytest tests/test_attention.py -q
 """
@@ -68,12 +68,31 @@ def test_a_kv_cache_step_is_one_block_and_matches_eager(tmp_path):
     assert torch.equal(got, want)
 
 
-def test_train_runs_it_in_the_language_model_only(world, monkeypatch):
-    """--attn-implementation blocked_eager (auto on a CPU in bf16): the language model switches, the vision tower
-    keeps SDPA."""
+def test_train_runs_it_in_the_language_model_and_the_vision_tower(world, monkeypatch):
+    """--attn-implementation blocked_eager (auto on a CPU in bf16): both switch after loading."""
     from llava_lora import train
 
     cfg = train.TrainConfig(model=str(world.qwen_model), data="unused", out="unused")
     model, _ = train._load_model(cfg, "cpu", "bf16", "blocked_eager")
     assert model.config.text_config._attn_implementation == attention.NAME
-    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == attention.NAME
+
+
+def test_the_vision_tower_is_one_unmasked_block_equal_to_sdpa(world, monkeypatch):
+    """CLIP's attention is not causal: one block over every patch, SDPA's features in float32 to rounding."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(world.qwen_model, dtype=torch.float32,
+                                                          attn_implementation="sdpa")
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.model.vision_tower(pixels).last_hidden_state
+        attention.use_blocked(model)
+        blocks = []
+        edges = attention._edges
+        monkeypatch.setattr(attention, "_edges", lambda *a: blocks.append(edges(*a)) or blocks[-1])
+        got = model.model.vision_tower(pixels).last_hidden_state
+    patches = (size // model.config.vision_config.patch_size) ** 2 + 1
+    assert blocks == [[(0, patches, patches)]] * model.config.vision_config.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
