@@ -108,6 +108,19 @@ def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str], tr
     return get_peft_model(model, lora)
 
 
+def lora_inputs_in_compute_dtype(peft_model) -> int:
+    """Let LoRA layers take their input in the half-precision compute dtype, as it comes, when training runs under
+    autocast. peft casts it to the fp32 masters' dtype first, and autocast casts it straight back for the LoRA
+    matmul: the same numbers, for two passes over the activations in each direction (of every targeted layer).
+    Returns the layers changed. Only for a model run under autocast (without it, fp32 weights meet bf16 inputs)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False  # peft's switch (peft.helpers.disable_input_dtype_casting)
+    return len(layers)
+
+
 def init_from(peft_model, run: str | Path) -> dict[str, int]:
     """Load another run's trained weights (RUN_DIR or a checkpoint of it) into a fresh peft model: the projector,
     and the LoRA matrices when both runs place LoRA alike. Returns the tensors loaded per kind."""

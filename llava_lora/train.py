@@ -9,7 +9,8 @@ the vision tower is frozen and run without autograd. The loss is computed from t
 supervised positions only: the lm_head never produces logits for the ~600 image and prompt positions of a
 CC3M sample that carry no label. Right-padded batches run without an attention mask (the causal kernels' path).
 On a GPU: flash attention, Liger's fused loss, torch.compile and 4-bit QLoRA (``--attn-implementation``,
-``--fused-loss``, ``--compile``, ``--quantize``), each refused at start where it cannot apply.
+``--fused-loss``, ``--compile``, ``--quantize``), each refused at start where it cannot apply. On a CPU in bf16:
+blocked eager attention (attention.py) and fused RMSNorm and SwiGLU kernels (fused.py, ``--fused-kernels``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import torch
 
 from . import attention
 from . import config as cfglib
-from .adapters import RUN_FILE, apply_lora, init_from, save_adapter, wrapped_modules
+from .adapters import RUN_FILE, apply_lora, init_from, lora_inputs_in_compute_dtype, save_adapter, wrapped_modules
 from .config import Alias, device_field, field, image_dir_field, model_field, split_field
 from .batches import Collator, DropFailed, ResumableBatchSampler, TrainDataset
 from .data.images import locate_records
 from .data.records import duplicate_ids, load_records, resolve_data
 from .errors import RunFailed, UsageError
+from .fused import fuse
 from .data.sources import is_mixture, load_mixture, parse_sources
 from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
@@ -116,11 +118,14 @@ class TrainConfig:
                                         "--eval-data; each checkpoint is evaluated)")
     attn_implementation: Literal["auto", "sdpa", "eager", "blocked_eager", "flash_attention_2"] = field(
         "auto", help="attention kernels; auto: flash_attention_2 on a GPU where the flash_attn package is installed, "
-                     "blocked_eager (eager attention in causal query blocks, attention.py) for the language model on a "
-                     "CPU in bf16, else sdpa")
+                     "blocked_eager (eager attention in causal query blocks, attention.py) on a CPU in bf16, else sdpa")
     fused_loss: Literal["auto", "on", "off"] = field(
         "auto", help="Liger's fused linear cross-entropy for the lm_head and the loss (GPU, liger-kernel package); "
                      "auto: where available")
+    fused_kernels: Literal["auto", "on", "off"] = field(
+        "auto", help="the language model's RMSNorm and SwiGLU as torch.compile-fused kernels (fused.py; the first "
+                     "step compiles them, seconds); auto: on a CPU where a C++ compiler is found, unless --compile "
+                     "compiles the whole language model")
     compile: bool = field(False, help="torch.compile the language model: the first step compiles (seconds to "
                                       "minutes), then less activation memory (on a CPU, no faster steps)")
     quantize: Literal["none", "4bit"] = field(
@@ -214,19 +219,51 @@ def check_quantize(choice: str, device: str) -> None:
         raise UsageError("--quantize 4bit needs the bitsandbytes package (pip install bitsandbytes)")
 
 
-def check_compile(enabled: bool, device: str) -> None:
-    """torch.compile's CPU code is C++ built on the spot: refuse up front where no compiler is found, rather than
-    fail at the first step after the model has loaded."""
-    if not enabled or device != "cpu":
-        return
+def _has_cpp_compiler() -> bool:
+    """Whether torch.compile's CPU code (C++ built on the spot) can be built: the compiler inductor itself would
+    use, $CXX, else g++."""
     from torch._inductor import exc
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:
-        get_cpp_compiler()  # the compiler inductor itself would use: $CXX, else g++
+        get_cpp_compiler()
     except exc.InvalidCxxCompiler:
+        return False
+    return True
+
+
+def check_compile(enabled: bool, device: str) -> None:
+    """Refuse --compile up front on a CPU without a C++ compiler, rather than fail at the first step after the
+    model has loaded."""
+    if enabled and device == "cpu" and not _has_cpp_compiler():
         raise UsageError("--compile on a CPU needs a C++ compiler for torch.compile's generated code (g++, or the "
-                         "one $CXX names); install one or drop --compile") from None
+                         "one $CXX names); install one or drop --compile")
+
+
+def resolve_fused_kernels(choice: str, device: str, compile_all: bool = False) -> bool:
+    """Whether the language model's RMSNorm and SwiGLU run as torch.compile-fused kernels: on a CPU (inductor's
+    C++), where they were measured; a GPU keeps the eager kernels unless the whole model is compiled (--compile,
+    which fuses these itself)."""
+    if choice == "on" and compile_all:
+        raise UsageError("--fused-kernels on with --compile: the compiled language model fuses its norms and SwiGLU "
+                         "itself; drop one of the two")
+    if choice == "off" or compile_all:
+        return False
+    if device != "cpu":
+        if choice == "on":
+            raise UsageError(f"--fused-kernels on is for a CPU (this run is on {device}); use --fused-kernels off")
+        return False
+    if not _has_cpp_compiler():
+        if choice == "on":
+            raise UsageError("--fused-kernels on needs a C++ compiler for torch.compile's generated code (g++, or "
+                             "the one $CXX names); install one or use --fused-kernels off")
+        return False
+    return True
+
+
+def _fused_summary(fused: dict[str, int]) -> str:
+    """'RMSNorm x17, SwiGLU x8', or 'off'."""
+    return ", ".join(f"{kind} x{n}" for kind, n in fused.items() if n) or "off"
 
 
 def _model_inputs(mb: dict, device) -> dict:
@@ -494,6 +531,7 @@ class Recipe:
         self.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, self.device, cfg.model,
                                                                self.precision)
         self.fused_loss = resolve_fused_loss(cfg.fused_loss, self.device)
+        self.fused_kernels = resolve_fused_kernels(cfg.fused_kernels, self.device, cfg.compile)
         # One process may run several trainings (a notebook, the tests), each with its own precision; accelerate
         # keeps the first one's in a process-wide singleton (the distributed state, PartialState, is kept).
         AcceleratorState._reset_state()
@@ -556,7 +594,10 @@ class Recipe:
         random.seed(cfg.seed)
         model, self.processor = _load_model(cfg, self.device, self.precision, self.attn_implementation,
                                             self.accelerator.local_process_index)
+        self.fused = fuse(model.model.language_model) if self.fused_kernels else {}
         self.peft_model = wrap_for_training(model, cfg)
+        if self.precision != "fp32":
+            lora_inputs_in_compute_dtype(self.peft_model)
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.run_meta = {"lora_r": cfg.lora_r,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
@@ -624,7 +665,8 @@ class Recipe:
               f"{dtype_name(PRECISION_DTYPES[self.precision])}, trained ones (LoRA, projector) in "
               "float32")
         print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
-              f"fused loss {'on' if self.fused_loss else 'off'}, compile {'on' if cfg.compile else 'off'}, quantize "
+              f"fused loss {'on' if self.fused_loss else 'off'}, fused kernels {_fused_summary(self.fused)}, "
+              f"compile {'on' if cfg.compile else 'off'}, quantize "
               f"{cfg.quantize}; "
               + (f"LoRA r={cfg.lora_r} on {len(wrapped_modules(self.peft_model))} modules; " if cfg.lora_r else
                  "no LoRA (the projector alone); ")

@@ -242,6 +242,43 @@ def test_bf16_loss_within_one_percent_of_fp32(world: Models, data: Path):
     assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 0.01 * losses[torch.float32], losses
 
 
+def test_lora_inputs_in_compute_dtype_change_no_number(world: Models, data: Path):
+    """Under bf16 autocast, LoRA taking its input in bf16 (no cast to the fp32 masters' dtype and back) gives the
+    same loss and the same gradients, bit for bit."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_lora.adapters import lora_inputs_in_compute_dtype
+    from llava_lora.batches import Collator, TrainDataset
+    from llava_lora.data.records import resolve_data
+
+    processor = AutoProcessor.from_pretrained(world.qwen_model)
+    data_file, root = resolve_data(str(data), None, None)
+    records, _ = load_records(data_file)
+    torch.manual_seed(0)
+    peft_model = apply_lora(LlavaForConditionalGeneration.from_pretrained(world.qwen_model, dtype=torch.bfloat16),
+                            4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float().normal_(0, 0.1) if "lora_B" in n else p.data.float()
+    ds = TrainDataset(records, root, processor, peft_model.config.image_token_id, IMAGE_TOKENS, 2048)
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
+
+    def loss_and_grads():
+        peft_model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_sum, count = LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                    batch["pixel_values"])
+        (loss_sum / count).backward()
+        return loss_sum.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+
+    want_loss, want_grads = loss_and_grads()
+    assert lora_inputs_in_compute_dtype(peft_model) == 2 * peft_model.config.text_config.num_hidden_layers
+    got_loss, got_grads = loss_and_grads()
+    assert torch.equal(got_loss, want_loss)
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+
+
 @pytest.mark.slow
 def test_run_loss_falls_and_files_written(run: _Run):
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
