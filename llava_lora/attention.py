@@ -103,8 +103,8 @@ def blocked_eager_attention(module, query, key, value, attention_mask, scaling: 
     mask (or None) -> ([B, S, H, d] output, None)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    key = repeat_kv(key, module.num_key_value_groups) if hasattr(module, "num_key_value_groups") else key
-    value = repeat_kv(value, module.num_key_value_groups) if hasattr(module, "num_key_value_groups") else value
+    groups = getattr(module, "num_key_value_groups", 1)  # a vision tower's attention has no GQA
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     blocks = _edges(query.shape[2], key.shape[2], getattr(module, "is_causal", True))
     if softcap is None and not (dropout and module.training):
         return _BlockedAttention.apply(query, key, value, attention_mask, scaling, blocks), None

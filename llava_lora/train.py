@@ -9,8 +9,8 @@ the vision tower is frozen and run without autograd. The loss is computed from t
 supervised positions only: the lm_head never produces logits for the ~600 image and prompt positions of a
 CC3M sample that carry no label. Right-padded batches run without an attention mask (the causal kernels' path).
 On a GPU: flash attention, Liger's fused loss, torch.compile and 4-bit QLoRA (``--attn-implementation``,
-``--fused-loss``, ``--compile``, ``--quantize``), each refused at start where it cannot apply. On a CPU in bf16:
-blocked eager attention (attention.py) and fused RMSNorm and SwiGLU kernels (fused.py, ``--fused-kernels``).
+``--fused-loss``, ``--compile``, ``--quantize``), each refused at start where it cannot apply. On a CPU: fused
+RMSNorm and SwiGLU kernels (fused.py, ``--fused-kernels``), and in bf16 blocked eager attention (attention.py).
 """
 
 from __future__ import annotations
