@@ -15,7 +15,7 @@ class LlavaLoss(torch.nn.Module):
     """``forward(batch) -> (summed token cross-entropy, supervised token count)`` of a peft-wrapped LLaVA.
 
     The same computation as ``LlavaForConditionalGeneration(labels=...)``, rearranged: the frozen vision
-    tower runs under ``no_grad``, and the lm_head and the loss see only the positions whose next token is
+    tower runs under ``no_grad`` (with autograd where LoRA was put in it), and the lm_head and the loss see only the positions whose next token is
     supervised (with ``fused_loss``, Liger's kernel computes them chunk by chunk, never all the logits at once).
     One module, so DDP/FSDP wrap the whole step.
     """
@@ -27,6 +27,8 @@ class LlavaLoss(torch.nn.Module):
         layer = llava.config.vision_feature_layer
         self.feature_layers = [layer] if isinstance(layer, int) else list(layer)
         self.drop_cls = llava.config.vision_feature_select_strategy == "default"
+        # the tower runs without autograd unless something in it trains (LoRA asked for as vision_tower.NAME)
+        self.tower_trains = any(p.requires_grad for p in llava.model.vision_tower.parameters())
         self.fused = None
         if fused_loss:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -38,7 +40,8 @@ class LlavaLoss(torch.nn.Module):
         embeds = llava.model.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
             tower = llava.model.vision_tower
-            with torch.no_grad():  # LlavaModel.get_image_features' selection: layers concatenated, CLS dropped
+            with torch.set_grad_enabled(self.tower_trains and torch.is_grad_enabled()):
+                # LlavaModel.get_image_features' selection: layers concatenated, CLS dropped
                 hidden = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
                 feats = torch.cat([hidden[k][:, 1:] if self.drop_cls else hidden[k] for k in self.feature_layers],
                                   dim=-1)  # [N, P, Dv * layers]

@@ -49,6 +49,28 @@ def test_vision_tower_lora_only_by_name(world: Models):
     assert sum(n.startswith("model.vision_tower.") for n in wrapped) == 2  # one per tower layer
 
 
+def test_vision_tower_lora_gets_gradients(world: Models, data: Path):
+    """LoRA asked for in the vision tower trains: the tower runs with autograd then (without, it stays at zero)."""
+    from transformers import AutoProcessor
+
+    from llava_lora.batches import Collator, TrainDataset
+    from llava_lora.data.records import load_records, resolve_data
+    from llava_lora.loss import LlavaLoss
+
+    peft_model = apply_lora(_model(world.qwen_model), 4, 8, 0.0, ["q_proj", "vision_tower.q_proj"])
+    processor = AutoProcessor.from_pretrained(world.qwen_model)
+    data_file, root = resolve_data(str(data), None, None)
+    records = [r for r in load_records(data_file)[0] if r.image][:2]
+    batch = Collator(processor.tokenizer.pad_token_id)(
+        [TrainDataset(records, root, processor, peft_model.config.image_token_id, 16, 2048)[i] for i in range(2)])
+    loss_sum, _ = LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        batch["pixel_values"])
+    loss_sum.backward()
+    # the first tower layer's: LLaVA reads the second-to-last layer, which the last one does not reach
+    first = [p for n, p in peft_model.named_parameters() if "vision_tower" in n and ".layers.0." in n and "lora_B" in n]
+    assert first and all(p.grad is not None and p.grad.abs().sum() > 0 for p in first)
+
+
 @pytest.mark.parametrize("target, says", [("qkv", "has no linear layer 'qkv'; its linear layers are down_proj, "
                                                   "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
                                           ("vision_tower.gate_proj", "the vision tower has no linear layer")])
