@@ -51,9 +51,11 @@ def device_field() -> Any:
 
 
 def load_dtype_field() -> Any:
-    from .modeling import DTYPES  # the one table of dtype names; every user of this field loads a model anyway
+    from .modeling import DTYPES, WEIGHT_ONLY  # the one table of dtype names; every user of this field loads a model
 
-    return field("auto", help=f"auto (the checkpoint's own dtype, never upcast), {', '.join(DTYPES)}")
+    return field("auto", help=f"auto (the checkpoint's own dtype; on a CPU without native bf16, float32 where the "
+                              f"model fits in half the free memory, else {WEIGHT_ONLY}), {', '.join(DTYPES)}, "
+                              f"{WEIGHT_ONLY} (bfloat16 weights computed in float32)")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

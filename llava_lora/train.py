@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from . import attention
+from . import attention, weight_only
 from . import config as cfglib
 from .adapters import RUN_FILE, apply_lora, init_from, lora_inputs_in_compute_dtype, save_adapter, wrapped_modules
 from .config import Alias, device_field, field, image_dir_field, model_field, split_field
@@ -44,8 +44,8 @@ from .heldout import HeldOut, heldout_records
 from .heldout import share as heldout_share
 from .loss import LlavaLoss
 from .outdirs import make_readable, move_into_place
-from .modeling import (PRECISION_DTYPES, PrecisionName, contiguous_head_input, default_device, dtype_name,
-                       format_param_stats, param_stats, quiet_transformers, train_precision)
+from .modeling import (PRECISION_DTYPES, WEIGHT_ONLY, PrecisionName, contiguous_head_input, default_device,
+                       dtype_name, format_param_stats, param_stats, quiet_transformers, train_precision)
 from .prompts import DEFAULT_MAX_LENGTH, IGNORE_INDEX, image_tokens_per_image
 from .runlog import RunLog, plot_loss, write_data_report
 
@@ -91,8 +91,9 @@ class TrainConfig:
     max_grad_norm: float = field(0.3, help="gradient clipping norm")
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
     precision: PrecisionName = field(
-        "auto", help="compute and frozen-weight precision; auto: bf16 on a GPU that has it and on a CPU (native "
-                     "there with AVX512-BF16/AMX, else emulated but half the memory), else fp32")
+        "auto", help=f"compute and frozen-weight precision ({WEIGHT_ONLY}: frozen weights stored in bf16, computed in "
+                     "fp32); auto: bf16 on a GPU that has it and on a CPU that computes it natively (AVX512-BF16/AMX); "
+                     f"on other CPUs fp32 where the model fits in half the free memory, else {WEIGHT_ONLY}")
     max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their "
                                                      "text, never in image tokens, or skipped")
     group_by_length: bool = field(True, help="batch samples of similar length together (less padding)")
@@ -448,7 +449,7 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
         raise UsageError(f"--model {model_dir}: not a MODEL_DIR (no config.json); make one with `llava-lora build`")
     # Frozen weights in the run's precision on every device (bf16: 8.5 GB for the 4 B model, not 17), loaded
     # so once and never cast per forward; main() keeps fp32 masters of what is trained.
-    dtype = PRECISION_DTYPES[precision]
+    dtype = frozen_dtype(precision)
     kwargs = {}
     if cfg.quantize == "4bit":  # quantised on loading, onto this process's GPU (a 4-bit model is not moved after)
         kwargs = {"quantization_config": _quantization_config(dtype), "device_map": {"": gpu_index}}
@@ -462,6 +463,16 @@ def _load_model(cfg: TrainConfig, device: str, precision: str, attn_implementati
         attention.use_blocked(model)
     contiguous_head_input(model)  # held-out answers generate
     return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def frozen_dtype(precision: str) -> torch.dtype:
+    """The dtype frozen weights are held in: the run's precision, bf16 for ``WEIGHT_ONLY``."""
+    return torch.bfloat16 if precision == WEIGHT_ONLY else PRECISION_DTYPES[precision]
+
+
+def autocast_precision(precision: str) -> str:
+    """accelerate's ``mixed_precision`` for a run: "no" where the compute is fp32 (fp32, ``WEIGHT_ONLY``)."""
+    return "no" if precision in ("fp32", WEIGHT_ONLY) else precision
 
 
 def wrap_for_training(model, cfg: TrainConfig):
@@ -525,7 +536,7 @@ class Recipe:
 
         cfg = self.cfg
         self.device = cfg.device or default_device()
-        self.precision, self.precision_why = train_precision(cfg.precision, self.device)
+        self.precision, self.precision_why = train_precision(cfg.precision, self.device, cfg.model)
         check_quantize(cfg.quantize, self.device)
         check_compile(cfg.compile, self.device)
         self.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, self.device, cfg.model,
@@ -537,7 +548,7 @@ class Recipe:
         AcceleratorState._reset_state()
         # find_unused_parameters: a micro-batch without images leaves the projector without gradients
         self.accelerator = Accelerator(
-            cpu=self.device == "cpu", mixed_precision="no" if self.precision == "fp32" else self.precision,
+            cpu=self.device == "cpu", mixed_precision=autocast_precision(self.precision),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         acc = self.accelerator
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
@@ -596,7 +607,9 @@ class Recipe:
                                             self.accelerator.local_process_index)
         self.fused = fuse(model.model.language_model) if self.fused_kernels else {}
         self.peft_model = wrap_for_training(model, cfg)
-        if self.precision != "fp32":
+        if self.precision == WEIGHT_ONLY:
+            weight_only.apply(self.peft_model)
+        elif self.precision != "fp32":
             lora_inputs_in_compute_dtype(self.peft_model)
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.run_meta = {"lora_r": cfg.lora_r,
@@ -661,8 +674,9 @@ class Recipe:
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         print(f"training {cfg.model} on {self.data_file} ({len(self.records)} records, {len(self.parse_errors)} "
               f"rejected) -> {self.run_dir}")
+        compute = "float32" if autocast_precision(self.precision) == "no" else dtype_name(frozen_dtype(self.precision))
         print(f"precision {self.precision} on {self.device} ({self.precision_why}): frozen weights in "
-              f"{dtype_name(PRECISION_DTYPES[self.precision])}, trained ones (LoRA, projector) in "
+              f"{dtype_name(frozen_dtype(self.precision))}, computed in {compute}; trained ones (LoRA, projector) in "
               "float32")
         print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
               f"fused loss {'on' if self.fused_loss else 'off'}, fused kernels {_fused_summary(self.fused)}, "

@@ -57,3 +57,13 @@ def good_data(tmp_path_factory, n: int = 24) -> Path:
         write_good_dataset(root, n=n)
         _CACHE[key] = root
     return _CACHE[key]  # type: ignore[return-value]
+
+
+def auto_cpu_dtype():
+    """The dtype ``--dtype auto`` loads a tiny bf16 MODEL_DIR in on this CPU: bf16 where it computes bf16
+    natively, else fp32 (the tiny model fits; tests/test_precision.py pins both)."""
+    import torch
+
+    from llava_lora.modeling import cpu_has_native_bf16
+
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32

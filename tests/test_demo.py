@@ -19,6 +19,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from _demo_fixtures import demo_assets, demo_config, engine_for, running_demo  # noqa: E402, F401, F811
+from _model_fixtures import auto_cpu_dtype  # noqa: E402
 from data_fixtures import png_header_only  # noqa: E402
 from llava_lora import cli, prompts  # noqa: E402
 from llava_lora.data.records import load_records, open_image, resolve_data, resolve_image  # noqa: E402
@@ -108,8 +109,8 @@ def test_compare_sample_streams_both_answers(demo, test_split):
 
 def test_engine_holds_one_bf16_copy_and_runs_the_tower_once_per_comparison(demo, test_split):
     _, engine = demo
-    assert dtypes_by_role(engine.model) == {"frozen": {torch.bfloat16}, "LoRA": {torch.float32},
-                                            "projector": {torch.bfloat16}}
+    dtype = auto_cpu_dtype()
+    assert dtypes_by_role(engine.model) == {"frozen": {dtype}, "LoRA": {torch.float32}, "projector": {dtype}}
     records, root = test_split
     image = open_image(resolve_image(root, records[0].image))
     prompt = engine.prompt(prompts.prompt_and_reference(records[0])[0])

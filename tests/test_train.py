@@ -188,22 +188,30 @@ def test_run_changes_trainable_only(run: _Run):
 
 @pytest.mark.slow
 def test_run_keeps_frozen_weights_in_bf16_and_trains_fp32_masters(run: _Run):
-    """precision auto on a CPU is bf16: the frozen weights stay in the checkpoint's bf16 (no fp32 copy of the
-    model), and what is trained (LoRA, the projector) has fp32 masters."""
-    assert run.dtypes == {"frozen": {torch.bfloat16}, "LoRA": {torch.float32}, "projector": {torch.float32}}
+    """precision auto on a CPU that computes bf16 natively is bf16: the frozen weights stay in the checkpoint's bf16
+    (no fp32 copy of the model), and what is trained (LoRA, the projector) has fp32 masters. On a CPU without native
+    bf16 the tiny model fits in fp32, and auto trains it in fp32 throughout (tests/test_precision.py)."""
+    from llava_lora import modeling
+
+    native = modeling.cpu_has_native_bf16()
+    frozen = torch.bfloat16 if native else torch.float32
+    assert run.dtypes == {"frozen": {frozen}, "LoRA": {torch.float32}, "projector": {torch.float32}}
     line = next(l for l in run.printed.splitlines() if l.startswith("precision "))
-    assert line.startswith("precision bf16 on cpu (auto: this CPU ")
-    assert "frozen weights in bfloat16, trained ones (LoRA, projector) in float32" in line
+    if native:
+        assert line.startswith("precision bf16 on cpu (auto: this CPU computes bf16 natively")
+        assert "frozen weights in bfloat16, computed in bfloat16; trained ones (LoRA, projector) in float32" in line
+    else:
+        assert line.startswith("precision fp32 on cpu (auto: ") and ("no native bf16" in line or "oneDNN" in line)
 
 
 def test_precision_auto_says_which_and_why(monkeypatch):
     from llava_lora import modeling
 
-    monkeypatch.setattr(modeling, "cpu_bf16_flags", lambda: ["avx512_bf16"])
-    assert modeling.train_precision("auto", "cpu") == ("bf16", "auto: this CPU computes bf16 natively (avx512_bf16)")
-    monkeypatch.setattr(modeling, "cpu_bf16_flags", lambda: [])
-    precision, why = modeling.train_precision("auto", "cpu")
-    assert precision == "bf16" and "no native bf16" in why and "emulated" in why and "--precision fp32" in why
+    monkeypatch.setattr(modeling, "cpu_half_native", lambda half=torch.bfloat16: (True, "natively (avx512_bf16)"))
+    assert modeling.train_precision("auto", "cpu") == ("bf16", "auto: natively (avx512_bf16)")
+    monkeypatch.setattr(modeling, "cpu_half_native", lambda half=torch.bfloat16: (False, "no native bf16 (test)"))
+    precision, why = modeling.train_precision("auto", "cpu")  # no MODEL_DIR: its size is unknown, fp32
+    assert precision == "fp32" and why.startswith("auto: no native bf16 (test)")
     assert modeling.train_precision("fp32", "cpu") == ("fp32", "asked for")
 
 
