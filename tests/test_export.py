@@ -128,18 +128,19 @@ def test_export_loads_one_copy_in_the_base_dtype_and_merges_it_exactly(world, tm
     seen = {}
     real_merge = export.merge_in_place
 
-    def spy(model):
+    def spy(model, dtype):
         seen["params"] = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
         seen["tensors"] = {id(p) for p in model.get_base_model().parameters()}
-        merged = real_merge(model)
+        merged = real_merge(model, dtype)
         seen["same_tensors"] = {id(p) for p in merged.parameters()} <= seen["tensors"]
         return merged
 
     monkeypatch.setattr(export, "merge_in_place", spy)
     out = tmp_path / "merged"
-    assert run_cli("--model", world.model, "--adapter", world.run, "--out", out, "--check-samples", 1) == 0
+    assert run_cli("--model", world.model, "--adapter", world.run, "--out", out, "--check-samples", 1,
+                   "--dtype", "bfloat16") == 0  # as auto on a CPU that computes bf16 natively
     printed = capsys.readouterr().out
-    assert "precision bfloat16 on cpu (auto: the checkpoint's own dtype" in printed
+    assert "precision bfloat16 on cpu (asked for)" in printed
     assert "next-token logits of the merged model differ from base + adapter by at most" in printed
     params = seen["params"]
     lora = {n: d for n, (d, _) in params.items() if "lora_" in n}
@@ -182,3 +183,30 @@ def test_self_check_refuses_logits_that_moved_more_than_rounding(capsys):
         export.self_check(export.Probe(logits, ["red"]), export.Probe(logits * 1.2, ["red"]), records, "bfloat16")
     with pytest.raises(RuntimeError, match="logits moved"):
         export.self_check(export.Probe(logits, ["red"]), near, records, "float32")
+
+
+def test_a_wrong_merge_is_refused_before_anything_is_written(world, tmp_path, monkeypatch, capsys):
+    """The row-by-row merge check (always on, no sample needed) catches a merge scaled wrong: exit 1, no folder."""
+    from peft.tuners.lora.layer import Linear
+
+    real = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: 2 * real(self, adapter))
+    out = tmp_path / "merged"
+    assert run_cli("--model", world.model, "--adapter", world.run, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "merge check: model.language_model.layers." in err and "MERGED_DIR was not written" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_merge_check_alone_by_default_and_in_weight_only_precision(world, tmp_path, capsys):
+    """No sample by default: the merge is checked row by row (exactly, in bf16's last place); bf16-weights loads the
+    bf16 weights for fp32 compute and writes them in bf16."""
+    out = tmp_path / "merged"
+    assert run_cli("--model", world.model, "--adapter", world.run, "--out", out, "--dtype", "bf16-weights") == 0
+    printed = capsys.readouterr().out
+    assert "precision bfloat16 weights, float32 compute on cpu (asked for)" in printed
+    assert "merge check: 8 rows of each of 14 LoRA layers equal W + scale·B·A" in printed
+    assert "greedy answers" not in printed  # no end-to-end sample by default
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["self_check"]["merge"]["lora_layers"] == 14 and meta["self_check"]["merge"]["max_ulp"] <= 1
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
