@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/real_size.py                  # ~19 min on 2 idle cores; sources cached after the first run
     .venv/bin/python benchmarks/real_size.py --only eval-compare
     .venv/bin/python benchmarks/real_size.py --json out.json
+    .venv/bin/python benchmarks/real_size.py --no-onednn      # as a CPU without native bf16 (AVX2) runs it: ~35 min
 
 Run it alone: a stage takes 9-13 GB, the fp32 comparison up to ~8 GB (wrap it in ``flock`` on a shared machine).
 
@@ -25,9 +26,19 @@ main process; DataLoader workers are not added), that peak over the composed mod
 samples/s (train: steps after the first; eval: samples answered by both models per second of generation) or
 tokens/s (generate, demo, export: new tokens per second of ``generate`` calls, timed inside the process).
 
+4. ``train-compare``: a training step at batch 1 with frozen weights stored in bf16 and computed in fp32
+   (``--precision bf16-weights``, what ``auto`` picks for the 4 B model on a CPU without native bf16) against plain
+   fp32 (``--precision fp32``), the same model at the real width with ``--compare-layers`` decoder layers (the full
+   model does not fit in fp32), ``--steps`` + 1 steps each, one after the other.
+
+``--no-onednn`` runs every command with oneDNN switched off (benchmarks/no_onednn/sitecustomize.py): a bf16 matmul then
+takes the reference kernel an AVX2-only CPU takes, fp32 is unchanged. There the default stages are build, train-b1,
+eval, export, generate, demo and train-compare (batch 6 and eval-compare belong to the native bf16 path).
+
 Targets (PASS/MISS): every stage at batch 1 <= 1.5x the bf16 weight bytes; train at batch 6 with gradient
-checkpointing <= 16 GB (10^9 bytes); eval samples/s >= 2x the fp32 path's; export <= 2 min. Timing on a shared
-virtual machine is noisy (±10% from minute to minute); the comparison runs side by side in one run for that reason.
+checkpointing <= 16 GB (10^9 bytes); eval samples/s >= 2x the fp32 path's; export <= 2 min; a bf16-weights
+training step <= 1.3x the fp32 one. Timing on a shared virtual machine is noisy (±10% from minute to minute); the
+comparisons run side by side in one run for that reason.
 """
 
 from __future__ import annotations
@@ -47,6 +58,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 GB = 1e9
 BASELINE_REF = "d88e7f8"  # main before frozen weights stayed in half precision (issue 11)
+
+# On PYTHONPATH with --no-onednn: every command takes the bf16 matmul kernel of a CPU without native bf16.
+NO_ONEDNN = REPO / "benchmarks" / "no_onednn"
+extra_path: list[str] = []  # [NO_ONEDNN] under --no-onednn
 
 # Runs one CLI command in this process and reports what the benchmark reads: every ``generate`` call's new tokens
 # and seconds (timed around transformers' GenerationMixin.generate), and the process's own peak RSS at exit.
@@ -86,7 +101,8 @@ def peak_of(pid: int) -> int:
 
 def run_stage(name: str, argv: list[str], workdir: Path, pythonpath: Path = REPO) -> dict:
     """``llava-lora ARGV`` in a fresh process: wall time, peak RSS, generate timings; its output in a log file."""
-    env = {**os.environ, "PYTHONPATH": str(pythonpath), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*extra_path, str(pythonpath)]),
+           "TOKENIZERS_PARALLELISM": "false"}
     logfile = workdir / "logs" / f"{name}.log"
     logfile.parent.mkdir(exist_ok=True)
     t = time.perf_counter()
@@ -114,7 +130,8 @@ def run_demo(model: Path, adapter: Path, data: Path, workdir: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = ["demo", "--model", str(model), "--adapter", str(adapter), "--data", str(data), "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*extra_path, str(REPO)]),
+           "TOKENIZERS_PARALLELISM": "false"}
     logfile = workdir / "logs" / "demo.log"
     t = time.perf_counter()
     with open(logfile, "w") as f:
@@ -276,16 +293,7 @@ def stages(args, root: Path) -> list[dict]:
 def eval_compare(args, root: Path) -> dict:
     """eval of this tree (bf16) and of the baseline (fp32), same model, adapter and samples, one after the other."""
     n = args.compare_layers
-    src = make_sources(root, None if n == 40 else n)
-    data = make_data(root, src / "llm")
-    model, run = root / f"compare-L{n}" / "model", root / f"compare-L{n}" / "run"
-    if not (model / "config.json").is_file():
-        run_stage(f"compare-L{n}-build", ["build", "--llm", str(src / "llm"), "--vision", str(src / "clip"), "--out",
-                                          str(model), "--overwrite"], root)
-    if not (run / "adapter_model.safetensors").is_file():  # any trained adapter will do: both evals use this one
-        run_stage(f"compare-L{n}-train", ["train", "--model", str(model), "--data", str(data), "--out", str(run),
-                                          "--batch-size", "2", "--max-steps", "1", "--overwrite", "--no-tensorboard"],
-                  root)
+    model, run, data = compare_model(args, root)
     old = baseline_tree(root, args.baseline_ref)
     argv = ["eval", "--model", str(model), "--adapter", str(run), "--data", str(data), "--limit",
             str(args.compare_samples), "--max-new-tokens", "8", "--overwrite"]
@@ -305,6 +313,42 @@ def eval_compare(args, root: Path) -> dict:
             "ratio": out["bf16"]["samples_per_s"] / out["fp32"]["samples_per_s"], **out}
 
 
+def compare_model(args, root: Path) -> tuple[Path, Path, Path]:
+    """(MODEL_DIR, RUN_DIR, DATA) at the real width with --compare-layers decoder layers, built and trained once."""
+    n = args.compare_layers
+    src = make_sources(root, None if n == 40 else n)
+    data = make_data(root, src / "llm")
+    model, run = root / f"compare-L{n}" / "model", root / f"compare-L{n}" / "run"
+    if not (model / "config.json").is_file():
+        run_stage(f"compare-L{n}-build", ["build", "--llm", str(src / "llm"), "--vision", str(src / "clip"), "--out",
+                                          str(model), "--overwrite"], root)
+    if not (run / "adapter_model.safetensors").is_file():  # any trained adapter will do: both evals use this one
+        run_stage(f"compare-L{n}-train", ["train", "--model", str(model), "--data", str(data), "--out", str(run),
+                                          "--batch-size", "2", "--max-steps", "1", "--overwrite", "--no-tensorboard"],
+                  root)
+    return model, run, data
+
+
+def train_compare(args, root: Path) -> dict:
+    """A batch-1 training step with bf16-stored frozen weights computed in fp32 against plain fp32, same model."""
+    model, _, data = compare_model(args, root)
+    out = {}
+    for name in ("fp32", "bf16-weights"):
+        log(f"[{time.strftime('%H:%M:%S')}] train-compare {name}, {args.compare_layers} layers")
+        run = root / f"train-compare-{name}"
+        r = run_stage(f"train-compare-{name}", ["train", "--model", str(model), "--data", str(data), "--out", str(run),
+                                                "--batch-size", "1", "--max-steps", str(args.steps + 1), "--log-every",
+                                                "1", "--save-every", "1000", "--overwrite", "--no-tensorboard",
+                                                "--precision", name], root)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+        r["step_s"] = sum(row["step_time"] for row in rows) / len(rows)
+        r["losses"] = [row["loss"] for row in rows]
+        out[name] = r
+        log(f"    {fmt_row(r, weight_bytes(model))}  {r['step_s']:.1f} s a step")
+    return {"layers": args.compare_layers, "weights": weight_bytes(model),
+            "ratio": out["bf16-weights"]["step_s"] / out["fp32"]["step_s"], **out}
+
+
 def fmt_row(r: dict, weights: int) -> str:
     rate = ""
     if r.get("samples_per_s"):
@@ -320,7 +364,7 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(results: list[dict], compare: dict | None, weights: int) -> list[str]:
+def report(results: list[dict], compare: dict | None, weights: int, tcompare: dict | None = None) -> list[str]:
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
              f"composed model: {weights / GB:.2f} GB of bf16 weights", ""]
@@ -349,6 +393,12 @@ def report(results: list[dict], compare: dict | None, weights: int) -> list[str]
                      f"(>= 2x), {compare['samples']} samples, real width with {compare['layers']} of 40 layers; "
                      f"peak RSS {compare['bf16']['peak_rss'] / GB:.2f} vs {compare['fp32']['peak_rss'] / GB:.2f} GB; "
                      f"identical answers (base and fine-tuned) on {compare['same_answers']} of {compare['samples']}")
+    if tcompare:
+        f, w = tcompare["fp32"], tcompare["bf16-weights"]
+        lines.append(f"{verdict(tcompare['ratio'] <= 1.3)}: a bf16-weights training step at batch 1 takes "
+                     f"{w['step_s']:.1f} s against fp32's {f['step_s']:.1f} s = {tcompare['ratio']:.2f}x (<= 1.3x), "
+                     f"real width with {tcompare['layers']} of 40 layers; peak RSS {w['peak_rss'] / GB:.2f} vs "
+                     f"{f['peak_rss'] / GB:.2f} GB; losses {w['losses']} vs {f['losses']}")
     return lines
 
 
@@ -365,7 +415,10 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "real-size"), help="cache and outputs")
     ap.add_argument("--steps", type=int, default=2, help="training steps per train stage (the rate: those after the first)")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="stages to run: build train-b1 train-b6-gc eval export generate demo eval-compare")
+                    help="stages to run: build train-b1 train-b6-gc eval export generate demo eval-compare "
+                         "train-compare")
+    ap.add_argument("--no-onednn", action="store_true",
+                    help="oneDNN off in every command: the bf16 kernel of a CPU without native bf16 (AVX2)")
     ap.add_argument("--compare-layers", type=int, default=8, help="decoder layers of the eval comparison's model")
     ap.add_argument("--compare-samples", type=int, default=4, help="samples of the eval comparison")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the fp32 path to compare eval with")
@@ -373,17 +426,29 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    results = stages(args, root) if not args.only or set(args.only) - {"eval-compare"} else []
+    if args.no_onednn:
+        extra_path.append(str(NO_ONEDNN))
+        args.only = args.only or ["build", "train-b1", "eval", "export", "generate", "demo", "train-compare"]
+    results = stages(args, root) if not args.only or set(args.only) - {"eval-compare", "train-compare"} else []
     compare = eval_compare(args, root) if not args.only or "eval-compare" in args.only else None
-    weights = weight_bytes(root / "model") if (root / "model").is_dir() else compare["weights"]
-    lines = report(results, compare, weights)
+    tcompare = train_compare(args, root) if not args.only or "train-compare" in args.only else None
+    weights = (weight_bytes(root / "model") if (root / "model").is_dir() else
+               (compare or tcompare)["weights"])
+    lines = report(results, compare, weights, tcompare)
+    if args.no_onednn:
+        lines.insert(1, "oneDNN off in every command (--no-onednn): bf16 matmuls take the reference kernel of a CPU "
+                        "without native bf16")
     print("\n" + "\n".join(lines))
     if args.json:
         slim = [{k: v for k, v in r.items() if k != "output"} for r in results]
         if compare:
             compare = {k: ({kk: vv for kk, vv in v.items() if kk != "output"} if isinstance(v, dict) else v)
                        for k, v in compare.items()}
-        Path(args.json).write_text(json.dumps({"stages": slim, "eval_compare": compare, "report": lines}, indent=2))
+        if tcompare:
+            tcompare = {k: ({kk: vv for kk, vv in v.items() if kk != "output"} if isinstance(v, dict) else v)
+                        for k, v in tcompare.items()}
+        Path(args.json).write_text(json.dumps({"stages": slim, "eval_compare": compare, "train_compare": tcompare,
+                                               "report": lines}, indent=2))
 
 
 if __name__ == "__main__":
