@@ -35,6 +35,8 @@ def recipe() -> dict:
 class QuickstartConfig:
     out: str = field("quickstart-out", help="folder for everything the quickstart writes")
     max_steps: int | None = field(None, help="training steps (default: the recipe's)")
+    seed: int = field(0, help="seed of everything random: the tiny models' weights, the synthetic data, the training "
+                              "run's data order, LoRA init and dropout")
     overwrite: bool = field(False, help=OVERWRITE_HELP)
 
 
@@ -67,19 +69,19 @@ def main(cfg: QuickstartConfig) -> int:
 
     _step("1/5 tiny source checkpoints (random weights, tokenizer trained here)")
     sources = out / "sources"
-    tiny.tiny_qwen2(sources / "qwen2")
+    tiny.tiny_qwen2(sources / "qwen2", seed=cfg.seed)
     # 64 px / patch 8 (64 image tokens): at 32 px the shapes of the 64 px synthetic images blur away
-    tiny.tiny_clip(sources / "clip", image_size=64, patch_size=8)
+    tiny.tiny_clip(sources / "clip", image_size=64, patch_size=8, seed=cfg.seed)
     print(f"wrote {sources}/qwen2 and {sources}/clip")
 
     _step("2/5 llava-lora build")
     build.main(build.BuildConfig(llm=str(sources / "qwen2"), vision=str(sources / "clip"), out=str(out / "model")))
 
     _step("3/5 llava-lora data synth")
-    synth.main(synth.SynthConfig(out=str(out / "data"), n=TRAIN_IMAGES, n_test=TEST_IMAGES))
+    synth.main(synth.SynthConfig(out=str(out / "data"), n=TRAIN_IMAGES, n_test=TEST_IMAGES, seed=cfg.seed))
 
     _step("4/5 llava-lora train")
-    steps = dict(recipe())
+    steps = dict(recipe(), seed=cfg.seed)
     if cfg.max_steps is not None:
         steps.update(max_steps=cfg.max_steps, save_every=min(steps["save_every"], cfg.max_steps))
     train.main(train.TrainConfig(model=str(out / "model"), data=str(out / "data"), out=str(out / "run"), **steps))
