@@ -107,7 +107,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "llava_lora", "quickstart", "--out", str(work), "--overwrite"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    from llava_lora.modeling import cpu_half_native
+    from llava_lora.model.precision import cpu_half_native
 
     print(f"CPU: {cpu}; {cpu_half_native()[1]}")
     for r in matmuls():

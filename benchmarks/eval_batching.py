@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from llava_lora import answers
+from llava_lora.infer import answers
 from llava_lora.data import synth
 from llava_lora.data.records import load_records, resolve_data
-from llava_lora.inference import GenerationSettings
-from llava_lora.modeling import load_model
+from llava_lora.infer.engine import GenerationSettings
+from llava_lora.model.load import load_model
 from workloads import make_model
 
 

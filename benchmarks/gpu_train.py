@@ -15,12 +15,12 @@ norms, zero biases; it also refills the non-persistent buffers ``to_empty`` leav
 and CLIP's ``position_ids``).
 
 Training step: the one of ``llava-lora train`` on a GPU. bf16 frozen weights, LoRA r=4 / alpha 8 / dropout 0.05 on
-the language model's q_proj/v_proj (``llava_lora.adapters.apply_lora``), the projector trained in full, fp32
-master copies of what is trained, AdamW with train's two parameter groups, bf16 autocast, ``llava_lora.loss.
+the language model's q_proj/v_proj (``llava_lora.model.adapters.apply_lora``), the projector trained in full, fp32
+master copies of what is trained, AdamW with train's two parameter groups, bf16 autocast, ``llava_lora.model.loss.
 LlavaLoss`` (vision tower under no_grad, lm_head on supervised positions only), gradient clipping at 0.3, and
 gradient checkpointing of the language model enabled the way train enables it, and train's fast-path helpers:
 ``train._model_inputs`` (a right-padded batch goes without its attention mask, so the kernels take their causal
-path) and ``train.resolve_fused_loss`` (Liger's fused lm_head + loss, ``--fused-loss``, auto: where liger-kernel
+path) and ``train/runtime.resolve_fused_loss`` (Liger's fused lm_head + loss, ``--fused-loss``, auto: where liger-kernel
 is installed on a GPU); the report says whether the fused loss was in play. One process,
 so no DDP wrapper; autocast is ``torch.autocast`` directly, which is what accelerate's bf16 mode amounts to on one
 GPU. The model is built afresh for each GC setting, so each peak is its own.
@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from llava_lora.prompts import IGNORE_INDEX
+from llava_lora.chat.encode import IGNORE_INDEX
 from workloads import step_flops
 
 NO_GPU = ("gpu_train: no CUDA GPU present (torch.cuda.is_available() is False); this benchmark needs one. "
@@ -191,7 +191,7 @@ def materialise(model, device: str, seed: int):
 
 def train_config(gc_on: bool):
     """The seed's LoRA settings as train's own config (its wrap_for_training and make_optimizer take it)."""
-    from llava_lora.train import TrainConfig
+    from llava_lora.train.config import TrainConfig
 
     return TrainConfig(model="(built in memory)", data="(synthetic)", out="(none)", lora_r=LORA["r"],
                        lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=LORA["targets"],
@@ -201,7 +201,7 @@ def train_config(gc_on: bool):
 
 def wrap_for_training(model, gc_on: bool):
     """train's own wrapping (gradient checkpointing, LoRA + projector, fp32 masters) with the seed's settings."""
-    from llava_lora import train
+    from llava_lora.train import loop as train
 
     return train.wrap_for_training(model, train_config(gc_on))
 
@@ -275,7 +275,7 @@ def flops_for(s: Shape, batch: dict, gc_on: bool) -> dict[str, dict[str, int]]:
 def fast_path(fused_choice: str, device: str) -> dict:
     """train's fast-path helpers: whether the fused loss runs, and how train moves a batch to the device.
     Raises llava_lora.errors.UsageError for ``--fused-loss on`` where it cannot run."""
-    from llava_lora import train
+    from llava_lora.train import loop as train
 
     return {"fused_loss": train.resolve_fused_loss(fused_choice, device), "model_inputs": train._model_inputs}
 
@@ -308,10 +308,10 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int, reps: int = 50, tria
 def run_setting(s: Shape, config, batch: dict, gc_on: bool, device: str, steps: int, warmup: int,
                 seed: int, fast: dict) -> tuple[dict, dict]:
     """Build, wrap and train for warmup + steps; return the measurements and the parameter counts."""
-    from llava_lora.loss import LlavaLoss
-    from llava_lora.train import make_optimizer
+    from llava_lora.model.loss import LlavaLoss
+    from llava_lora.train.loop import make_optimizer
 
-    # as train's _load_model on cuda; the --device cpu run is an fp32 check of the code path (train itself runs bf16
+    # as model/load.load_for_training on cuda; the --device cpu run is an fp32 check of the code path (train itself runs bf16
     # on a CPU since issue 11)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cuda":
@@ -407,7 +407,7 @@ def print_plan(s: Shape, params: dict, batch: dict, flops: dict[bool, dict]) -> 
 
 
 def print_runs(runs: list[dict]) -> None:
-    from llava_lora.modeling import format_table
+    from llava_lora.tables import format_table
 
     rows = []
     for r in runs:

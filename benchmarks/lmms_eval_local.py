@@ -7,9 +7,9 @@
 lmms-eval tasks are a YAML file plus a ``utils.py``, and usually load a dataset from the Hugging Face hub. The
 task written here loads a JSONL file instead (``dataset_path: json`` with ``dataset_kwargs: data_files:``), so it
 runs offline. Each row is one usable record of DATA (read by llava-lora's own reader, in its order, image paths
-made absolute); ``utils.py`` asks it as ``llava-lora eval`` does (the chat messages of ``llava_lora.prompts``:
+made absolute); ``utils.py`` asks it as ``llava-lora eval`` does (the chat messages of ``llava_lora.chat.prompts``:
 history included, the image before or after the question as the record has it) and scores exact match, strict
-and normalised, as ``llava_lora.metrics`` does.
+and normalised, as ``llava_lora.infer.metrics`` does.
 
 Then lmms-eval runs in its own venv (``--model llava_hf --include_path TASK_DIR --limit N --device cpu``,
 HF_HUB_OFFLINE=1; ``llava_hf`` is its chat class, which takes ``doc_to_messages``, unless ``--force-simple``),
@@ -37,8 +37,8 @@ UTILS_PY = '''\
 """lmms-eval task functions for records written by llava-lora's benchmarks/lmms_eval_local.py.
 
 Each row: {"id", "image": absolute path or null, "image_first": bool, "turns": [{"role", "text"}, ...]}, the
-last turn being the reference answer. Messages mirror llava_lora.prompts.messages; scores mirror
-llava_lora.metrics (exact_match: equal after trimming; exact_match_normalised: after SQuAD normalisation).
+last turn being the reference answer. Messages mirror llava_lora.chat.prompts.messages; scores mirror
+llava_lora.infer.metrics (exact_match: equal after trimming; exact_match_normalised: after SQuAD normalisation).
 """
 
 import re

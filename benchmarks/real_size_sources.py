@@ -5,7 +5,7 @@ of its own, so that their memory is returned before any stage is measured).
 
 - ``OUT/llm``: a Qwen2 causal LM in Qwen1.5-4B's shape (hidden 2560, 40 layers, 20 heads and 20 KV heads,
   intermediate 6912, vocab 151,936, untied lm_head, rope theta 5e6), bf16 on disk (7.9 GB), with
-  ``llava_lora.tiny``'s ChatML tokenizer (its ids lie within Qwen's padded vocabulary).
+  ``llava_lora.tiny.checkpoints``'s ChatML tokenizer (its ids lie within Qwen's padded vocabulary).
 - ``OUT/clip``: a full ``CLIPModel`` in openai/clip-vit-large-patch14-336's shape (vision: hidden 1024, 24 layers,
   16 heads, intermediate 4096, 336 px, patch 14; text: hidden 768, 12 layers), fp32 on disk as openai saves it,
   with its ``CLIPImageProcessor``.
@@ -48,7 +48,7 @@ def _fill(module: torch.nn.Module) -> None:
 def write_llm(out: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llava_lora import tiny
+    from llava_lora.tiny import checkpoints as tiny
 
     tok = tiny.qwen2_tokenizer()
     cfg = Qwen2Config(**QWEN15_4B, bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_lora import cli, prompts, tiny
+from llava_lora import cli
+from llava_lora.chat import prompts
+from llava_lora.tiny import checkpoints as tiny
 from llava_lora.data import synth
 from llava_lora.data.records import load_records, resolve_data
 

@@ -159,7 +159,7 @@ def main() -> None:
         work = prepare(args.work or tmp / "work")
         lm = work.merged / "model-f16.gguf"
         if args.gguf_type != "f16":  # the same MERGED_DIR, its language model written in another type
-            from llava_lora import gguf_export
+            from llava_lora.export import gguf as gguf_export
 
             lm = tmp / gguf_export.lm_file(args.gguf_type)
             gguf_export.write_lm(work.merged, lm, args.gguf_type)

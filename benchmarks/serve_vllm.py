@@ -117,12 +117,12 @@ def our_answer(merged: Path, sample, question: str, tokens: int) -> str:
     """`llava-lora generate`'s answer (its code path: the chat template, greedy, stop at end of turn)."""
     from PIL import Image
 
-    from llava_lora import prompts
-    from llava_lora.inference import GenerationSettings, answer
-    from llava_lora.modeling import load_model
+    from llava_lora.chat import prompts
+    from llava_lora.infer.engine import GenerationSettings, answer
+    from llava_lora.model.load import load_model
 
     model, processor = load_model(str(merged), None, dtype="float32", device="cpu")
-    msgs = [{"role": "user", "content": prompts._content(question, True, True)}]
+    msgs = prompts.user_messages(question, True)
     (text,) = answer(model, processor, [prompts.generation_prompt(processor.tokenizer, msgs)],
                      [Image.open(sample.image).convert("RGB")], GenerationSettings(max_new_tokens=tokens))
     return text
@@ -152,7 +152,7 @@ def peft_reference(model_dir: Path, run: Path, batch, tokens: int) -> list[list[
     import torch
     from PIL import Image
 
-    from llava_lora.modeling import load_model
+    from llava_lora.model.load import load_model
 
     model, processor = load_model(str(model_dir), str(run), dtype="float32", device="cpu")
     model.get_base_model().generation_config.eos_token_id = None  # all ``tokens``, as vLLM is asked for
@@ -180,7 +180,7 @@ def main() -> None:
         return worker(args.worker)
 
     from llava_lora.data.records import load_records, resolve_data
-    from llava_lora import prompts
+    from llava_lora.chat import prompts
     from serve_common import agreement, prepare, reference, samples
 
     venv = args.venv.resolve()

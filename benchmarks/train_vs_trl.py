@@ -68,7 +68,7 @@ LOSS_TOLERANCE = 0.01  # relative, on every step's loss
 
 def batches(n_records: int, batch_size: int, steps: int) -> list[list[int]]:
     """Record indices of each step, in the order ``llava-lora train --no-group-by-length`` draws them."""
-    from llava_lora.batches import ResumableBatchSampler
+    from llava_lora.train.sampler import ResumableBatchSampler
 
     return list(itertools.islice(iter(ResumableBatchSampler(n_records, batch_size, SEED)), steps))
 
@@ -77,14 +77,14 @@ def sample_sizes(model_dir: Path, data_dir: Path) -> list[tuple[int, int, int]]:
     """(tokens, supervised next-token positions, images) per record, as our trainer encodes it."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llava_lora import prompts
+    from llava_lora.chat import encode
     from llava_lora.data.records import load_records, resolve_data
 
     config, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     out = []
     for r in load_records(resolve_data(data_dir, None, None)[0])[0]:
-        enc = prompts.encode(tok, r, config.image_token_id, config.image_seq_length, None)
-        out.append((len(enc.input_ids), int((enc.labels[1:] != prompts.IGNORE_INDEX).sum()), int(r.image is not None)))
+        enc = encode.encode(tok, r, config.image_token_id, config.image_seq_length, None)
+        out.append((len(enc.input_ids), int((enc.labels[1:] != encode.IGNORE_INDEX).sum()), int(r.image is not None)))
     return out
 
 
@@ -144,7 +144,7 @@ def peak_memory(device: str) -> int:
 
 
 def run_ours(a) -> dict:
-    from llava_lora import train
+    from llava_lora.train import loop as train
 
     seen = {}
     apply_lora = train.apply_lora
@@ -175,7 +175,7 @@ def trl_dataset(data_dir: Path, order: list[int]):
     """The records as TRL's VLM examples show them: conversational ``messages`` + ``images`` decoded by datasets."""
     import datasets
 
-    from llava_lora import prompts
+    from llava_lora.chat import prompts
     from llava_lora.data.records import load_records, resolve_data, resolve_image
 
     file, image_root = resolve_data(data_dir, None, None)
@@ -193,8 +193,8 @@ def run_trl(a) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from llava_lora.adapters import PROJECTOR, lora_target_regex
-    from llava_lora.train import resolve_attn_implementation
+    from llava_lora.model.adapters import PROJECTOR, lora_target_regex
+    from llava_lora.train.runtime import resolve_attn_implementation
 
     steps = a.warmup + a.steps
     order = [i for batch in batches(a.n_records, a.batch_size, steps) for i in batch]

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from llava_lora import build, tiny
+from llava_lora.model import build
+from llava_lora.tiny import checkpoints as tiny
 
 SHAPES_DIR = Path(__file__).with_name("shapes")
 # The LLaVA-CC3M-Pretrain-595K instructions (a few of its 11): one turn, a brief description asked.
@@ -45,7 +46,7 @@ def load_shape(name: str) -> dict:
 
 def proportional_qwen2(out: Path, hidden_size: int, num_layers: int, intermediate_size: int, vocab_size: int,
                        heads: int, kv_heads: int, seed: int = 0) -> Path:
-    """A randomly initialised Qwen2 chat LM of the given shape, with llava_lora.tiny's ChatML tokenizer (fp32)."""
+    """A randomly initialised Qwen2 chat LM of the given shape, with llava_lora.tiny.checkpoints's ChatML tokenizer (fp32)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = tiny.qwen2_tokenizer()

@@ -17,15 +17,15 @@ from .errors import RunFailed, UsageError
 
 # subcommand -> (module, config class name, main function name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "build": ("llava_lora.build", "BuildConfig", "main", "compose a chat LLM + a CLIP vision encoder into MODEL_DIR"),
-    "data check": ("llava_lora.datacheck", "CheckConfig", "main", "validate a LLaVA data set, report bad samples"),
+    "build": ("llava_lora.model.build", "BuildConfig", "main", "compose a chat LLM + a CLIP vision encoder into MODEL_DIR"),
+    "data check": ("llava_lora.data.check", "CheckConfig", "main", "validate a LLaVA data set, report bad samples"),
     "data synth": ("llava_lora.data.synth", "SynthConfig", "main", "write a synthetic LLaVA-format data set"),
-    "train": ("llava_lora.train", "TrainConfig", "main", "LoRA fine-tuning of MODEL_DIR on DATA into RUN_DIR"),
-    "eval": ("llava_lora.evaluate", "EvalConfig", "main", "base vs fine-tuned on data samples"),
-    "generate": ("llava_lora.generate", "GenerateConfig", "main", "answer one prompt about one image"),
-    "export": ("llava_lora.export", "ExportConfig", "main", "fold the adapter into a plain checkpoint"),
-    "demo": ("llava_lora.demo", "DemoConfig", "main", "the Gradio side-by-side page"),
-    "quickstart": ("llava_lora.quickstart", "QuickstartConfig", "main", "the whole pipeline offline on tiny models"),
+    "train": ("llava_lora.train.loop", "TrainConfig", "main", "LoRA fine-tuning of MODEL_DIR on DATA into RUN_DIR"),
+    "eval": ("llava_lora.infer.evaluate", "EvalConfig", "main", "base vs fine-tuned on data samples"),
+    "generate": ("llava_lora.infer.generate", "GenerateConfig", "main", "answer one prompt about one image"),
+    "export": ("llava_lora.export.merge", "ExportConfig", "main", "fold the adapter into a plain checkpoint"),
+    "demo": ("llava_lora.infer.demo", "DemoConfig", "main", "the Gradio side-by-side page"),
+    "quickstart": ("llava_lora.tiny.quickstart", "QuickstartConfig", "main", "the whole pipeline offline on tiny models"),
 }
 
 

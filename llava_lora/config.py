@@ -50,14 +50,6 @@ def device_field() -> Any:
     return field(None, help="cpu or cuda (default: cuda when available)")
 
 
-def load_dtype_field() -> Any:
-    from .modeling import DTYPES, WEIGHT_ONLY  # the one table of dtype names; every user of this field loads a model
-
-    return field("auto", help=f"auto (the checkpoint's own dtype; on a CPU without native bf16, float32 where the "
-                              f"model fits in half the free memory, else {WEIGHT_ONLY}), {', '.join(DTYPES)}, "
-                              f"{WEIGHT_ONLY} (bfloat16 weights computed in float32)")
-
-
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, is_optional) of ``X | None``."""
     origin = typing.get_origin(tp)
@@ -126,8 +118,12 @@ ALIAS_DEST = "alias:"  # argparse dest prefix of alias flags, so that both spell
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field (and per alias); defaults stay unset so that YAML values show through."""
+    """Add one flag per dataclass field (and per alias); defaults stay unset so that YAML values show through. A class
+    may list its fields under ``--help`` headings in ``GROUPS`` (``{title: (field, ...)}``); the names do not change."""
     hints = typing.get_type_hints(cls)
+    where: dict[str, Any] = {}  # field -> the argument group --help lists it under (``GROUPS``), else the parser
+    for title, names in getattr(cls, "GROUPS", {}).items():
+        where.update(dict.fromkeys(names, parser.add_argument_group(title)))
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
             continue
@@ -145,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f.name, type=tp, metavar=f.name.upper(), nargs="?", default=argparse.SUPPRESS,
                                 help=f.metadata.get("help", "").replace("%", "%%"))
         else:
-            _add_flag(parser, f.name, tp, f.name, help_text)
+            _add_flag(where.get(f.name, parser), f.name, tp, f.name, help_text)
     if aliases(cls):
         group = parser.add_argument_group("HF TrainingArguments spellings (each means exactly the flag it names; "
                                           "--max_steps-style underscores work for every flag)")

@@ -28,16 +28,27 @@ def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
 
 
 @contextlib.contextmanager
-def new_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Write OUT whole: yields a temporary folder beside it, which replaces OUT when the block completes; if the
-    block fails, it is removed and OUT is untouched."""
-    check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def new_folder(out: Path, overwrite: bool, label: str = "tmp", into: bool = False) -> Iterator[Path]:
+    """Write OUT whole: yields a temporary folder beside it (``.OUT.<label>-*``), which replaces OUT when the block
+    completes; if the block fails, it is removed and OUT is untouched. The one way every command writes a folder
+    (build, data synth, eval, export, train's checkpoints and adapter files).
+
+    ``into``: OUT is a folder that holds other things too (RUN_DIR): the temporary folder sits inside it, and each
+    file written there replaces its namesake in OUT by one atomic rename (a reader never sees half a file)."""
+    if into:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        check_out(out, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{label}-", dir=out if into else out.parent))
     try:
         yield tmp
         make_readable(tmp)
-        move_into_place(tmp, out)
+        if into:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+        else:
+            move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what tests/test_demo_browser.py needs, and nothing that is already there:
+# Install what tests/infer/test_demo_browser.py needs, and nothing that is already there:
 #   - Debian's chromium (/usr/bin/chromium), with apt-get; Playwright drives it, it downloads no browser
 #   - Playwright for Python, into the virtual environment VENV
 #

@@ -1,5 +1,5 @@
 """Fixtures shared by the test modules: the tiny composed models and a small learnable data set, built once per
-session (``_model_fixtures`` caches them). A module may define its own ``world`` (eval's and export's hold a
+session (``fixtures/models.py`` caches them). A module may define its own ``world`` (eval's and export's hold a
 trained run as well): pytest then uses the module's."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from _model_fixtures import Models, good_data, model_world
+from fixtures.models import Models, good_data, model_world
 
 
 @pytest.fixture(scope="session")

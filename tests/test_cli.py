@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from llava_lora import cli
-from llava_lora.train import TrainConfig
+from llava_lora.train.config import TrainConfig
 
 REQUIRED = ["--model", "m", "--data", "d", "--out", "o"]
 
@@ -132,3 +132,59 @@ def test_bad_values_refused(capsys):
     assert "num_epochs must be positive" in _error(["train", *REQUIRED, "--num-epochs", "0"], capsys)
     assert "--num-epochs: invalid float value: 'x'" in _error(["train", *REQUIRED, "--num-epochs", "x"], capsys)
     assert "--precision: invalid choice: 'bf17'" in _error(["train", *REQUIRED, "--precision", "bf17"], capsys)
+
+
+def test_train_help_groups_every_flag_once(capsys):
+    """`train --help` lists its flags under headings (TrainConfig.GROUPS); the flags keep their names."""
+    import dataclasses
+
+    named = [n for names in TrainConfig.GROUPS.values() for n in names]
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert len(named) == len(set(named)) and set(named) <= set(fields)
+    assert set(fields) - set(named) == {"model", "data", "out", "image_dir", "split", "resume", "overwrite"}
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for title, names in TrainConfig.GROUPS.items():
+        section = out.split(f"\n{title}:\n", 1)[1].split("\n\n", 1)[0]
+        assert all(f"--{n.replace('_', '-')}" in section for n in names), title
+
+
+def test_demo_takes_the_generation_flags():
+    """The demo's settings are GenerationSettings: the page's sliders start at these values."""
+    from llava_lora.infer.engine import GenerationSettings
+
+    _, cfg = cli.parse(["demo", "--model", "m", "--temperature", "0.2", "--top-p", "0.9", "--top-k", "5",
+                        "--repetition-penalty", "1.1", "--max-new-tokens", "32"])
+    assert isinstance(cfg, GenerationSettings)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty, cfg.max_new_tokens) == (0.2, 0.9, 5, 1.1, 32)
+    with pytest.raises(cli.CommandLineError, match="beam search"):
+        cli.parse(["demo", "--model", "m", "--num-beams", "2"])
+
+
+def _readme_commands() -> list[list[str]]:
+    """The commands of the README's bash blocks (continuation lines joined, comments dropped)."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_every_readme_command_is_run_or_parsed():
+    """Each `make` target of the README exists (`make quickstart` runs the pipeline, tests/tiny/test_quickstart.py
+    runs it too); each `llava-lora` command names valid flags and values (its paths are the reader's)."""
+    import re
+    from pathlib import Path
+
+    commands = _readme_commands()
+    targets = set(re.findall(r"(?m)^([a-z-]+):", (Path(__file__).resolve().parent.parent / "Makefile").read_text()))
+    assert {c[0] for c in commands} == {"make", "llava-lora"}
+    for argv in commands:
+        if argv[0] == "make":
+            assert argv[1] in targets, argv
+        else:
+            command, cfg = cli.parse(argv[1:])
+            assert command in cli.COMMANDS and cfg is not None

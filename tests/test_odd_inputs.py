@@ -3,7 +3,7 @@
     .venv/bin/pytest tests/test_odd_inputs.py -q -m "not slow"    # per-file checks, a few seconds
     .venv/bin/pytest tests/test_odd_inputs.py -q                   # + train/eval/generate and the demo on the corpus
 
-The corpus (``odd_inputs.py``) is written with PIL at test time.
+The corpus (``fixtures/odd_inputs.py``) is written with PIL at test time.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from _demo_fixtures import demo_assets, engine_for, free_port, running_demo  # noqa: F401
-from _model_fixtures import FAST, model_world
-from data_fixtures import png_header_only
-from llava_lora import answers, cli, demo, generate
+from fixtures.demo import demo_assets, engine_for, free_port, running_demo  # noqa: F401
+from fixtures.models import FAST, model_world
+from fixtures.data import png_header_only
+from llava_lora.infer import answers, demo, demo_checks, generate
+from llava_lora import cli
 from llava_lora.data import images
-from llava_lora.batches import DropFailed, ResumableBatchSampler, TrainDataset
+from llava_lora.chat.batches import TrainDataset
+from llava_lora.train.sampler import DropFailed, ResumableBatchSampler
 from llava_lora.data.images import check_image, locate_records, open_image, resolve_image
 from llava_lora.data.records import duplicate_ids, load_records
 from llava_lora.errors import BadRecord, Rejected
-from odd_inputs import UPRIGHT_SIZE, Corpus, upright_picture, write_odd_corpus
+from fixtures.odd_inputs import UPRIGHT_SIZE, Corpus, upright_picture, write_odd_corpus
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +89,8 @@ def test_exif_rotated_jpeg_reaches_every_command_upright(corpus):
     record = next(r for r in load_records(corpus.data)[0] if r.id == "exif_rotated")
     _model_sees_upright(answers.load_image(record, corpus.root), stored)
     _model_sees_upright(generate.user_image(str(stored)), stored)
-    _model_sees_upright(demo.checked_upload(str(stored), 10**7, 10**7), stored)
-    samples = demo.Samples([record], corpus.root, str(corpus.data))
+    _model_sees_upright(demo_checks.checked_upload(str(stored), 10**7, 10**7), stored)
+    samples = demo_checks.Samples([record], corpus.root, str(corpus.data))
     _model_sees_upright(samples.image(record), stored)
 
 
@@ -197,10 +199,10 @@ def test_demo_upload_handler_uses_or_refuses_each_image(corpus):
     for odd in corpus.images:
         path = corpus.root / odd.file
         if odd.reason in (None, "image_path_escapes_root"):  # an upload has no root: the link's target is used
-            assert demo.checked_upload(str(path), 10**7, 16_000_000).mode == "RGB", odd.id
+            assert demo_checks.checked_upload(str(path), 10**7, 16_000_000).mode == "RGB", odd.id
         else:
-            with pytest.raises(demo.RequestError) as err:
-                demo.checked_upload(str(path), 10**7, 16_000_000)
+            with pytest.raises(demo_checks.RequestError) as err:
+                demo_checks.checked_upload(str(path), 10**7, 16_000_000)
             assert odd.reason in str(err.value) or "too large" in str(err.value) or "cannot read" in str(err.value)
 
 
@@ -369,8 +371,8 @@ def test_generate_and_demo_refuse_what_the_processor_refuses_in_one_line(corpus,
     assert cli.main(["generate", "--model", "m", "--image", str(path), "--prompt", "What?"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "one_px.png: preprocess_failed: ValueError" in err
-    with pytest.raises(demo.RequestError, match="preprocess_failed"):
-        demo.check_pixels(proc, open_image(path))
+    with pytest.raises(demo_checks.RequestError, match="preprocess_failed"):
+        demo_checks.check_pixels(proc, open_image(path))
 
 
 def test_data_check_reports_a_record_the_tokenizer_cannot_encode(corpus):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _model_fixtures import FAST, Models
+from fixtures.models import FAST, Models
 from llava_lora import cli
 
 pytestmark = pytest.mark.slow  # a training run, an eval and an export: `make test` runs them
@@ -68,9 +68,9 @@ def test_generate_answers_as_the_engine_does(world: Models, data: Path, run: Pat
     """`generate` end to end: its printed answer is the fine-tuned model's greedy answer to the same prompt."""
     from PIL import Image
 
-    from llava_lora import prompts
-    from llava_lora.inference import GenerationSettings, answer
-    from llava_lora.modeling import load_model
+    from llava_lora.chat import prompts
+    from llava_lora.infer.engine import GenerationSettings, answer
+    from llava_lora.model.load import load_model
 
     image = next(p for p in sorted((data / "images_dl").iterdir()))
     question = "What colour is the shape?"
@@ -79,7 +79,7 @@ def test_generate_answers_as_the_engine_does(world: Models, data: Path, run: Pat
                      "--prompt", question, "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     model, processor = load_model(str(world.qwen_model), str(run))
-    msgs = [{"role": "user", "content": prompts._content(question, True, True)}]
+    msgs = prompts.user_messages(question, True)
     expected = answer(model, processor, [prompts.generation_prompt(processor.tokenizer, msgs)],
                       [Image.open(image).convert("RGB")], GenerationSettings(max_new_tokens=6))[0]
     assert printed == expected

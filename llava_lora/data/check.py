@@ -1,15 +1,22 @@
-"""The checks of ``llava-lora data check`` (the command is ``llava_lora/datacheck.py``), with no model in sight:
+"""``llava-lora data check DATA``: validate every record and image of a LLaVA data set, report the bad ones.
+
+    llava-lora data check data/cc3m --json report.json      # exit 0: all usable, 1: some are not
+    llava-lora data check data/cc3m --model MODEL_DIR       # and each record's tokens against train's limit
 
     report = check_file("data/cc3m/chat.json", "data/cc3m/images_dl")   # .bad: [Rejected], .usable: [Record]
     print_report(report, file, root)
 
 Each record is parsed, its image resolved under the image root and fully decoded (in a process pool), and, given
-a ``length_fn`` (the command makes one from a model's tokenizer), its token count compared with a limit. Ids
-carried by more than one record are listed apart: those records are usable (and used by ``train``).
+a ``length_fn``, its token count compared with a limit. Ids carried by more than one record are listed apart:
+those records are usable (and used by ``train``); they do not change the exit code. The command adds what needs
+a tokenizer (with ``--model``, each record tokenised with its chat template by ``chat/encode.py``: ``too_long``,
+``encode_failed``, and the encoder's own ``empty_supervision`` / ``image_token_mismatch``; imported only then, and
+never a model's weights), one report per data source, and the ``--json`` file. Reason codes: ``errors.REASONS``.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -20,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import BadRecord, Rejected
+from ..config import field as config_field
+from ..config import image_dir_field, split_field
+from ..errors import BadRecord, Rejected, UsageError
 from .images import check_image, resolve_image
-from .records import Record, duplicate_ids, load_records
+from .records import Record, duplicate_ids, load_records, resolve_data
+from .sources import parse_sources
 
 PRINT_LIMIT = 50  # bad records printed; the rest are in --json
 CHUNK = 256  # images per pool task: large enough to amortise pickling, small enough for a live progress bar
@@ -167,3 +177,62 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
         print(f"  {r.id}  {r.reason}  {r.detail}", file=out)
     if len(report.bad) > limit:
         print(f"  … and {len(report.bad) - limit:,} more (see --json)", file=out)
+
+
+@dataclass
+class CheckConfig:
+    data: str | list = config_field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json (in a "
+                                                   "--config file also a list of sources: see data/sources.py)")
+    image_dir: str | None = image_dir_field()
+    split: str | None = split_field()
+    json: str | None = config_field(None, help="write the full report (every bad record) to this JSON file")
+    model: str | None = config_field(None, help="model folder whose tokenizer counts tokens for the too_long check")
+    max_length: int | None = config_field(None, help="with --model: flag records longer than this many tokens (default: "
+                                              "train's default max_length, 2048, or the model's context if shorter)")
+    workers: int = config_field(0, help="processes decoding images; 0: one per CPU core, 1: no pool")
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise UsageError(f"--workers must be >= 0, got {self.workers}")
+        if self.max_length is not None and self.max_length < 1:
+            raise UsageError(f"--max-length must be >= 1, got {self.max_length}")
+        if self.model is None and self.max_length is not None:
+            raise UsageError("--max-length needs --model (its tokenizer counts the tokens)")
+
+
+def length_check(cfg: CheckConfig) -> tuple[Callable[[Record], int] | None, int | None]:
+    """(record -> token count, the limit) with ``--model``; the limit defaults to what training would use."""
+    if cfg.model is None:
+        return None, None
+    from ..chat.encode import DEFAULT_MAX_LENGTH, model_context_length, record_length_fn  # a tokenizer, no weights
+
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise UsageError(f"--model {cfg.model}: not a MODEL_DIR (no config.json)")
+    limit = cfg.max_length
+    if limit is None:
+        context = model_context_length(cfg.model)
+        limit = min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
+        print(f"too_long check: max_length {limit} (train's default {DEFAULT_MAX_LENGTH}; the model's context "
+              f"{context}); set it with --max-length")
+    return record_length_fn(cfg.model), limit
+
+
+def main(cfg: CheckConfig) -> int:
+    sources = parse_sources(cfg.data, cfg.split, cfg.image_dir)
+    if len(sources) > 1 and (cfg.split or cfg.image_dir):
+        raise UsageError("with a list of data sources, give each its own image_dir and split")
+    length_fn, max_length = length_check(cfg)
+    payloads, bad = [], 0
+    for src in sources:  # each source with its own image root: one report each, and one exit code for all
+        file, root = resolve_data(src.path, src.split, src.image_dir)
+        report = check_file(file, root, workers=cfg.workers, length_fn=length_fn, max_length=max_length)
+        if report.total == 0:
+            raise UsageError(f"{file}: holds no records")
+        print_report(report, file, root)
+        payloads.append({"data": str(file), "image_root": str(root), "weight": src.weight, **report.to_dict()})
+        bad += len(report.bad)
+    if cfg.json:
+        payload = payloads[0] if len(payloads) == 1 else {"sources": payloads}
+        Path(cfg.json).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+        print(f"report written to {cfg.json}")
+    return 0 if not bad else 1

@@ -1,0 +1,1 @@
+"""CPU kernels for training: blocked eager attention and torch.compile-fused RMSNorm/SwiGLU."""

@@ -1,0 +1,1 @@
+"""LoRA training: the config, the loop, checkpoints, runtime options, held-out evaluation, logs."""

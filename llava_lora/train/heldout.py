@@ -1,0 +1,114 @@
+"""Held-out evaluation: the training loss on records a run does not train on, and the answers to a few of them.
+
+    llava-lora train ... --eval-data 0.05 --eval-every 100          # 5% of DATA held out by --seed
+    llava-lora train ... --eval-data data/val.json --eval-samples 8  # a file (or a folder with --eval-split)
+
+The loss is ``LlavaLoss``'s (the same masking, the same skips) summed over held-out tokens, so it is the number
+``llava-lora eval`` reports for the same records. Under DDP each process takes every W-th record and the sums are
+reduced: the figure equals a single process's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..chat.batches import TrainDataset
+from ..data.records import Record, load_records, resolve_data
+from ..errors import Rejected, UsageError
+from ..model.loss import loss_sums
+
+
+def share(spec: str | None) -> float | None:
+    """The fraction that ``--eval-data`` names (``0.05``), or None when it names a path."""
+    if spec is None:
+        return None
+    try:
+        value = float(spec)
+    except ValueError:
+        return None
+    if not 0 < value < 1:
+        raise UsageError(f"--eval-data {spec}: a share of DATA to hold out must be in (0, 1)")
+    return value
+
+
+def split_off(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(training records, held-out records): ``ceil(fraction * n)`` records drawn by ``seed``, order kept."""
+    n_out = math.ceil(fraction * len(records))
+    if n_out >= len(records):
+        raise UsageError(f"--eval-data {fraction} would hold out all {len(records)} records")
+    held = set(np.random.default_rng([seed, 7]).permutation(len(records))[:n_out].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def heldout_records(spec: str, split: str | None, image_dir: str | None, train_records: list[Record],
+                    train_root: Path, seed: int) -> tuple[list[Record], list[Record], Path, list[Rejected]]:
+    """(records to train on, held-out records, their image root, the held-out file's parse errors)."""
+    fraction = share(spec)
+    if fraction is not None:
+        train, held = split_off(train_records, fraction, seed)
+        return train, held, train_root, []
+    if not Path(spec).exists():
+        raise UsageError(f"--eval-data {spec}: no such file or folder (or give a share, e.g. 0.05)")
+    data_file, root = resolve_data(spec, split, image_dir)
+    held, bad = load_records(data_file)
+    if not held:
+        raise UsageError(f"--eval-data {data_file}: no usable record")
+    return train_records, held, root, bad
+
+
+class HeldOut:
+    """Evaluates a training run on held-out records: the loss (every process its share, reduced) and, on the main
+    process, greedy answers to the first ``samples`` records beside the base model's (computed once, kept in
+    ``RUN_DIR/samples/base.jsonl``)."""
+
+    def __init__(self, records: list[Record], image_root: Path, dataset: TrainDataset, processor, batch_size: int,
+                 samples: int, max_new_tokens: int, run_dir: Path):
+        self.records, self.image_root, self.dataset, self.processor = records, image_root, dataset, processor
+        self.batch_size, self.samples = batch_size, records[:samples]
+        self.max_new_tokens = max_new_tokens
+        self.samples_dir = run_dir / "samples"
+
+    def loss(self, loss_module, accelerator) -> tuple[float, int, list[Rejected]]:
+        """(mean loss per supervised held-out token over every process, tokens, this process's skips)."""
+        rank, world = accelerator.process_index, accelerator.num_processes
+        total, tokens, skipped = loss_sums(loss_module, self.dataset, list(range(rank, len(self.dataset), world)),
+                                           self.batch_size, self.processor.tokenizer.pad_token_id,
+                                           accelerator.device, accelerator.autocast)
+        sums = accelerator.reduce(torch.tensor([total, tokens], dtype=torch.float64, device=accelerator.device),
+                                  reduction="sum")
+        total, tokens = float(sums[0]), int(sums[1])
+        return (total / tokens if tokens else float("nan")), tokens, skipped
+
+    def answers(self, peft_model, step: int) -> Path | None:
+        """Write samples/step-N.jsonl: each sample's question, reference, base and fine-tuned answers."""
+        if not self.samples:
+            return None
+        import json
+
+        from ..infer.answers import predict
+        from ..infer.engine import GenerationSettings
+
+        settings = GenerationSettings(max_new_tokens=self.max_new_tokens)
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        base_file = self.samples_dir / "base.jsonl"
+        if base_file.is_file():
+            base = {r["id"]: r["base"] for r in map(json.loads, base_file.read_text().splitlines())}
+        else:
+            preds, _ = predict(peft_model, self.processor, self.samples, self.image_root, settings, self.batch_size,
+                               ("base",), progress=False)
+            base = {p.id: p.answers["base"] for p in preds}
+            base_file.write_text("".join(json.dumps({"id": k, "base": v}, ensure_ascii=False) + "\n"
+                                         for k, v in base.items()))
+        preds, _ = predict(peft_model, self.processor, self.samples, self.image_root, settings, self.batch_size,
+                           ("finetuned",), progress=False)
+        out = self.samples_dir / f"step-{step}.jsonl"
+        with open(out, "w") as f:
+            for p in preds:
+                row = {"id": p.id, "question": p.question, "reference": p.reference, "base": base.get(p.id),
+                       "finetuned": p.answers["finetuned"]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return out
