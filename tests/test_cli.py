@@ -188,3 +188,31 @@ def test_every_readme_command_is_run_or_parsed():
         else:
             command, cfg = cli.parse(argv[1:])
             assert command in cli.COMMANDS and cfg is not None
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(world, tmp_path, monkeypatch):
+    """The README's `llava-lora` commands, as written, in a folder laid out as they assume (data/cc3m/, cat.jpg): the
+    hub ids stand for the tiny checkpoints of the same architectures, and `train` gets a few steps (flags given after
+    win, as for a user). `demo` serves until stopped: parsed here, served by tests/infer/test_demo.py."""
+    import shutil
+
+    from fixtures.data import write_good_dataset
+
+    write_good_dataset(tmp_path / "data" / "cc3m", n=60)
+    shutil.copy(next((tmp_path / "data" / "cc3m" / "images_dl").iterdir()), tmp_path / "cat.jpg")
+    hub = {"Qwen/Qwen1.5-4B-Chat": str(world.qwen2), "openai/clip-vit-large-patch14-336": str(world.clip)}
+    short = ["--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--num-workers", "0",
+             "--no-gradient-checkpointing", "--no-tensorboard"]
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for argv in (c[1:] for c in _readme_commands() if c[0] == "llava-lora"):
+        argv = [hub.get(a, a) for a in argv]
+        if argv[0] == "demo":
+            assert cli.parse(argv)[0] == "demo"
+            continue
+        assert cli.main(argv + (short if argv[0] == "train" else [])) == 0, argv
+        ran.append(argv[0] if argv[0] != "data" else " ".join(argv[:2]))
+    assert ran == ["build", "data check", "train", "train", "eval", "eval", "generate", "export"]
+    assert (tmp_path / "models" / "llava-qwen1.5-4b-cc3m" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "cc3m" / "adapter_model.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""The loaders of MODEL_DIR: one module, two entry points that share its checks and hooks.
+"""The loader of MODEL_DIR: one load (``_load``: the folder checked, the lm_head hook), two entry points.
 
     model, processor = load_model(MODEL_DIR, adapter=RUN_DIR)             # eval, generate, demo, export
     model, processor = load_for_training(cfg, device, precision, attn)    # train (frozen weights in the run's precision)
@@ -6,7 +6,7 @@
 ``load_model`` serves inference: the checkpoint's own dtype (``precision.inference_dtype``), the adapter attached,
 on the device, in eval mode. ``load_for_training`` loads in the run's precision (``precision.train_precision``),
 optionally 4-bit (QLoRA), with the attention the run resolved (blocked eager switched in after loading); the
-accelerator places it. Both hand the lm_head a contiguous input (``contiguous_head_input``).
+accelerator places it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,24 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _checked_dir(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"MODEL_DIR {model_dir} is not a model folder (no config.json); make one with "
+                         "`llava-lora build`")
+    return model_dir
+
+
+def _load(model_dir: Path, dtype: torch.dtype, **kwargs):
+    """The one load of MODEL_DIR both entry points share: (model, processor), the lm_head's input contiguous."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    with quiet_transformers():
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    contiguous_head_input(model)  # generation: eval, generate, demo, export's check, held-out answers
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
 def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
                device: str | None = None, quiet: bool = False):
     """(model, processor) for MODEL_DIR, with the adapter of RUN_DIR attached when given.
@@ -50,26 +68,18 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     never cast on the fly, but where they are stored in half precision for fp32 compute (kernels/weight_only.py: a
     layer's weight upcast for its own matmul). Prints one line saying which precision runs and why, unless ``quiet``.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"MODEL_DIR {model_dir} is not a model folder (no config.json); make one with "
-                         "`llava-lora build`")
+    model_dir = _checked_dir(model_dir)
     device = device or default_device()
     torch_dtype, upcast, why = inference_dtype(dtype, model_dir, device)
     if not quiet:
         print(f"precision {precision_label(torch_dtype, upcast)} on {device} ({why})")
-    with quiet_transformers():
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    model, processor = _load(model_dir, torch_dtype)
     if adapter is not None:
         from .adapters import attach_adapter
 
         model = attach_adapter(model, adapter, model_dir)
     if upcast:
         weight_only.apply(model)
-    contiguous_head_input(model)
     model.to(device).eval()
     return model, processor
 
@@ -112,11 +122,7 @@ def _quantization_config(dtype: torch.dtype):
 def load_for_training(cfg, device: str, precision: str, attn_implementation: str = "sdpa",
                       gpu_index: int = 0):
     """(model, processor) for a training run: ``cfg`` is its TrainConfig (``model``, ``quantize``)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model_dir = Path(cfg.model)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"--model {model_dir}: not a MODEL_DIR (no config.json); make one with `llava-lora build`")
+    model_dir = _checked_dir(cfg.model)
     # Frozen weights in the run's precision on every device (bf16: 8.5 GB for the 4 B model, not 17), loaded
     # so once and never cast per forward; main() keeps fp32 masters of what is trained.
     dtype = frozen_dtype(precision)
@@ -126,10 +132,7 @@ def load_for_training(cfg, device: str, precision: str, attn_implementation: str
     blocked = attn_implementation == "blocked_eager"
     if blocked:  # loaded with a built-in implementation, switched after loading
         attn_implementation = "sdpa" if lm_supports_sdpa(str(model_dir)) else "eager"
-    with quiet_transformers():
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype,
-                                                              attn_implementation=attn_implementation, **kwargs)
+    model, processor = _load(model_dir, dtype, attn_implementation=attn_implementation, **kwargs)
     if blocked:
         attention.use_blocked(model)
-    contiguous_head_input(model)  # held-out answers generate
-    return model, AutoProcessor.from_pretrained(model_dir)
+    return model, processor
