@@ -201,7 +201,7 @@ def check_merge(merged, planned: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
     within one unit in the last place of W + scale·B·A rounded to it, the projector equal to the trained one.
     Raises on anything else (a merge that is missing, scaled, transposed or misplaced); returns the summary."""
     state = dict(merged.named_parameters())
-    worst, layers = 0.0, 0
+    worst, layers, rows = 0.0, 0, 0
     for name, (idx, want) in planned.items():
         got = state[name] if idx is None else merged.get_submodule(name).weight[idx]
         want = want.to(got.dtype)
@@ -209,16 +209,16 @@ def check_merge(merged, planned: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
             if not torch.equal(got, want):
                 raise RunFailed(f"merge check: {name} is not the trained projector's; MERGED_DIR was not written")
             continue
-        layers += 1
+        layers, rows = layers + 1, max(rows, len(idx))
         ulp = torch.finfo(got.dtype).eps * want.float().abs() + torch.finfo(got.dtype).tiny
         off = float(((got.float() - want.float()).abs() / ulp).max())
         if not off <= 1.0:  # also a NaN
             raise RunFailed(f"merge check: {name}'s merged weight is {off:.3g} units in the last place away from "
-                               "W + scale·B·A; MERGED_DIR was not written")
+                            "W + scale·B·A; MERGED_DIR was not written")
         worst = max(worst, off)
-    print(f"merge check: {CHECK_ROWS} rows of each of {layers} LoRA layers equal W + scale·B·A (at most "
+    print(f"merge check: {rows} rows of each of {layers} LoRA layers equal W + scale·B·A (at most "
           f"{worst:.2g} units in the last place), the projector the trained one")
-    return {"lora_layers": layers, "rows_each": CHECK_ROWS, "max_ulp": worst}
+    return {"lora_layers": layers, "rows_each": rows, "max_ulp": worst}
 
 
 def merge_in_place(model, dtype):
