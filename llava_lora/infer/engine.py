@@ -18,6 +18,7 @@ from PIL import Image
 from ..chat import prompts
 from ..config import field
 from ..model.adapters import adapter_switch
+from ..model.load import generation_cache
 from ..model.parts import llava_of
 
 
@@ -92,7 +93,8 @@ def generate(model, processor, inputs, settings: GenerationSettings, adapter: bo
     """One answer per row of prepared ``inputs`` (``prepare_inputs``), with the adapter on or off."""
     tokenizer = processor.tokenizer
     with adapter_switch(model, adapter):
-        out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id,
+                             **generation_cache(model))
     new = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -105,7 +107,7 @@ def answer_with_logits(model, processor, prompts: list[str], images: list[Image.
     inputs = prepare_inputs(model, processor, prompts, images)
     tokenizer = processor.tokenizer
     out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id,
-                         output_logits=True, return_dict_in_generate=True)
+                         output_logits=True, return_dict_in_generate=True, **generation_cache(model))
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)], out.logits[0].float()
 
@@ -177,7 +179,8 @@ class SideBySideEngine:
                 with self.lock, torch.inference_mode(), adapter_switch(self.model, adapter):
                     self.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer,
                                         stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
-                                        pad_token_id=tokenizer.pad_token_id)
+                                        pad_token_id=tokenizer.pad_token_id,
+                                        **generation_cache(self.model))
             except BaseException as e:  # handed to the request thread, which shows it
                 failure.append(e)
                 streamer.end()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 STORED = (torch.bfloat16, torch.float16)
 
@@ -78,6 +79,24 @@ class StoredHalfEmbedding(torch.nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids).float()
+
+
+class StoredHalfCacheLayer(DynamicLayer):
+    """A KV-cache layer that stores keys and values in bf16 and hands them to attention in the compute dtype: the
+    cache of the bf16 path's size (an fp32 cache of 4 prompts of ~660 tokens is 2.2 GB at the 4 B model's shapes, and
+    made eval's peak 1.53x the bf16 weights), the upcast one layer at a time."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states.to(torch.bfloat16), value_states.to(torch.bfloat16), *args,
+                                      **kwargs)
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+
+class StoredHalfCache(DynamicCache):
+    """``DynamicCache`` of ``StoredHalfCacheLayer``: pass as ``generate(cache=StoredHalfCache())``."""
+
+    def __init__(self):
+        super(DynamicCache, self).__init__(layer_class_to_replicate=StoredHalfCacheLayer)
 
 
 def _convert(module: torch.nn.Module) -> str | None:

@@ -89,6 +89,12 @@ def loaded_precision(model) -> str:
     return precision_label(llava_of(model).get_input_embeddings().weight.dtype, weight_only.applied(model))
 
 
+def generation_cache(model) -> dict:
+    """``generate`` keyword arguments for the KV cache: stored in bf16 where the frozen weights are (the
+    bf16-weights path, whose compute is fp32), so the cache keeps the size of the bf16 path's; else the default."""
+    return {"cache": weight_only.StoredHalfCache()} if weight_only.applied(model) else {}
+
+
 def contiguous_head_input(model) -> None:
     """Hand the lm_head a contiguous input. Generation gives it the last position of each row, a strided slice of
     [B, T, D]; a bias-free Linear on a non-contiguous 3-D bf16 input on a CPU becomes a bmm that copies the weight

@@ -184,6 +184,35 @@ def test_weight_only_saves_no_fp32_copy_of_a_weight(world: Models, data: Path):
     assert not weight_only.applied(model) and {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_weight_only_generation_keeps_its_kv_cache_in_bf16(world: Models):
+    """On bf16-weights, generate's KV cache stores bf16 (the bf16 path's size), attention reads it in fp32, and the
+    greedy answers are those of the same weights held in fp32 with an fp32 cache."""
+    from llava_lora.infer import engine
+    from llava_lora.model.load import generation_cache
+
+    model, processor = load_model(world.qwen_model, device="cpu", dtype=WEIGHT_ONLY)
+    cache = generation_cache(model)["cache"]
+    assert isinstance(cache, weight_only.StoredHalfCache)
+    plain, _ = load_model(world.qwen_model, device="cpu", dtype="float32")
+    assert generation_cache(plain) == {}
+    prompt = engine.prompts.generation_prompt(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat?"}])
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32), (200, 30, 30))]
+    inputs = engine.prepare_inputs(model, processor, [prompt], images)
+    settings = engine.GenerationSettings(max_new_tokens=6)
+    with torch.inference_mode():
+        model.generate(**inputs, **settings.generate_kwargs(), cache=cache,
+                       pad_token_id=processor.tokenizer.pad_token_id)
+    assert {layer.keys.dtype for layer in cache.layers} == {torch.bfloat16}
+    assert cache.get_seq_length() > inputs["input_ids"].shape[1]
+    keys = torch.randn(1, 2, 3, 16)
+    got, _ = weight_only.StoredHalfCacheLayer().update(keys, keys)
+    assert got.dtype == torch.float32 and torch.equal(got, keys.bfloat16().float())
+    assert engine.answer(model, processor, [prompt], images, settings) == \
+        engine.answer(plain, processor, [prompt], images, settings)
+
+
 @pytest.mark.slow
 def test_train_with_onednn_off_computes_in_fp32_and_learns(world: Models, tmp_path: Path):
     """The default on a CPU without native bf16: the start line says fp32 and why, and the loss falls."""
