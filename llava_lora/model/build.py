@@ -212,10 +212,21 @@ def _add_image_token(tokenizer, llm, image_token: str) -> tuple[int, int, bool]:
     return tokenizer.convert_tokens_to_ids(image_token), src_rows, resized
 
 
+def _check_feature_layer(layer: int, layers: int) -> None:
+    """An index into the tower's hidden states (the embeddings first, then one per layer), as transformers reads it."""
+    if not -(layers + 1) <= layer <= layers:
+        raise UsageError(f"--vision-feature-layer {layer}: the vision tower has {layers} layers, so its hidden states "
+                         f"are indexed {-(layers + 1)}..{layers} (-1: the last layer, -2: LLaVA's choice)")
+    if layer == 0:  # transformers 5.24's LLaVA asks the tower for hidden states with this number: 0 reads as "none"
+        raise UsageError(f"--vision-feature-layer 0 (the embeddings) fails in transformers' LLaVA, which reads 0 as "
+                         f"'no hidden states': give the same layer as {-(layers + 1)}")
+
+
 def _llava_config(cfg: BuildConfig, src: _Sources, llm, image_token_id: int, tied: bool):
     from transformers import LlavaConfig
 
     vision_cfg = src.vision_config
+    _check_feature_layer(cfg.vision_feature_layer, vision_cfg.num_hidden_layers)
     config = LlavaConfig(
         vision_config=vision_cfg.to_dict(), text_config=llm.config.to_dict(), image_token_id=image_token_id,
         image_seq_length=(vision_cfg.image_size // vision_cfg.patch_size) ** 2,  # patches (CLIP's CLS dropped)

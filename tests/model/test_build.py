@@ -142,13 +142,18 @@ def _copy_without_template(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case", ["llm_is_clip", "vision_is_llm", "image_token_taken"])
+@pytest.mark.parametrize("case", ["llm_is_clip", "vision_is_llm", "image_token_taken", "feature_layer_0",
+                                  "feature_layer_outside"])
 def test_bad_input_refused(world: Models, tmp_path: Path, capsys, case: str):
     out = tmp_path / "out"
     if case == "llm_is_clip":
         rc, cause = _build(world.clip, world.clip, out), "not a causal language model"
     elif case == "vision_is_llm":
         rc, cause = _build(world.qwen2, world.qwen2, out), "not CLIP"
+    elif case == "feature_layer_0":  # the tiny tower has 2 layers: hidden states -3..2, the embeddings first
+        rc, cause = _build(world.qwen2, world.clip, out, "--vision-feature-layer", "0"), "give the same layer as -3"
+    elif case == "feature_layer_outside":
+        rc, cause = _build(world.qwen2, world.clip, out, "--vision-feature-layer", "-4"), "indexed -3..2"
     else:
         from transformers import AutoTokenizer
 
