@@ -25,6 +25,10 @@ from ..outdirs import OVERWRITE_HELP, check_out
 # the synthetic task in a couple of minutes (see the file's header).
 RECIPE_FILE = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
 TRAIN_IMAGES, TEST_IMAGES = 3000, 200  # the held-out figure is over 200 questions, 50 of each kind
+# Hidden size of both tiny models. At 64, what a shape is was learned slowly and by seed (shape 80/62/92% held out
+# at seeds 0/1/2 in 1,200 steps with a 128-wide LM and a 64-wide tower; 80% at 64/64, seed 0): a random frozen
+# tower's features are random projections, and 128 of them keep more of each patch than 64 (92/82/90% at 128/128).
+WIDTH = 128
 
 
 def recipe() -> dict:
@@ -72,9 +76,9 @@ def main(cfg: QuickstartConfig) -> int:
 
     _step("1/5 tiny source checkpoints (random weights, tokenizer trained here)")
     sources = out / "sources"
-    tiny.tiny_qwen2(sources / "qwen2", seed=cfg.seed)
+    tiny.tiny_qwen2(sources / "qwen2", hidden_size=WIDTH, seed=cfg.seed)
     # 64 px / patch 8 (64 image tokens): at 32 px the shapes of the 64 px synthetic images blur away
-    tiny.tiny_clip(sources / "clip", image_size=64, patch_size=8, seed=cfg.seed)
+    tiny.tiny_clip(sources / "clip", image_size=64, patch_size=8, hidden_size=WIDTH, seed=cfg.seed)
     print(f"wrote {sources}/qwen2 and {sources}/clip")
 
     _step("2/5 llava-lora build")
