@@ -106,7 +106,8 @@ def _add_flag(parser, name: str, tp: Any, dest: str, help_text: str) -> None:
         parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
     elif typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
-        parser.add_argument(*flags, nargs="+", type=inner, **kwargs)
+        # extend: `--image A --image B` and `--image A B` both give [A, B]
+        parser.add_argument(*flags, nargs="+", type=inner, action="extend", **kwargs)
     elif typing.get_origin(tp) is typing.Literal:
         choices = typing.get_args(tp)
         parser.add_argument(*flags, choices=choices, type=type(choices[0]), **kwargs)

@@ -210,7 +210,7 @@ def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Sa
         try:
             settings = page_settings(settings_ui, cfg.max_new_tokens_cap)
             record = samples.get(index)
-            image = samples.image(record)
+            image = samples.images(record)  # every image of the record, in placeholder order
             msgs, reference = prompts.prompt_and_reference(record)
             base = tuned = ""
             for base, tuned, status in engine.compare(engine.prompt(msgs), image, settings):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..chat.encode import preprocess_image
-from ..data.images import open_image, resolve_image
+from ..data.images import as_store, open_image, open_ref
 from ..data.records import BadRecord, Record
 from .engine import GenerationSettings
 
@@ -93,13 +93,20 @@ class Samples:
             raise RequestError(f"sample index {index} is out of range 0..{len(self.records) - 1}")
         return self.records[int(index)]
 
-    def image(self, record: Record) -> Image.Image | None:
-        if record.image is None:
+    def images(self, record: Record) -> list[Image.Image] | None:
+        """The record's images, in placeholder order (None: text-only), or a RequestError naming the one that fails."""
+        if not record.images:
             return None
         try:
-            return open_image(resolve_image(self.image_root, record.image))
+            store = as_store(self.image_root)
+            return [open_ref(store, ref) for ref in record.images]
         except BadRecord as e:
             raise RequestError(f"sample {record.id}: {e.reason}: {e.detail}") from None
+
+    def image(self, record: Record) -> Image.Image | None:
+        """The record's first image, as tab 1 shows it (None: text-only)."""
+        images = self.images(record)
+        return images[0] if images else None
 
 
 def page_settings(values: tuple, cap: int) -> GenerationSettings:

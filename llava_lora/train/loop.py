@@ -75,7 +75,7 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 def _estimated_lengths(records, image_tokens: int) -> list[int]:
     """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
-    return [(image_tokens if r.image else 0) + sum(len(t.text) for t in r.turns) * 2 // 7 for r in records]
+    return [image_tokens * len(r.images) + sum(len(t.text) for t in r.turns) * 2 // 7 for r in records]
 
 
 def wrap_for_training(model, cfg: TrainConfig):
