@@ -163,7 +163,7 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
     """Summary by reason, then one line per bad record (at most ``limit``); to stdout by default."""
     out = out or sys.stdout
     print(f"{file}: {report.total:,} records, {len(report.usable):,} usable, {len(report.bad):,} not "
-          f"(images under {root})", file=out)
+          f"(images: {root})", file=out)
     for fmt, n in report.formats.items():  # what was read, and how: a wrong guess shows here, not in training
         print(f"format {fmt} ({n:,} records): {MAPPINGS.get(fmt, fmt)}", file=out)
     if report.duplicates:

@@ -52,15 +52,16 @@ def detect(raw: dict) -> str:
     return "sharegpt"
 
 
-def _image_list(raw: dict) -> list[str]:
-    """The paths of ``image`` or ``images``: a string, or a list of strings (empty: none)."""
+def _image_list(raw: dict, embedded: bool = False) -> list[str]:
+    """The paths of ``image`` or ``images``: a string, or a list of strings (empty: none). ``embedded``: a reader
+    of tables or shards put references into its rows there (a NUL first, which no path in the data may hold)."""
     key = "images" if raw.get("images") is not None else "image"
     value = raw.get(key)
     if value is None:
         return []
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
-        if not isinstance(item, str) or not item.strip() or "\0" in item:
+        if not isinstance(item, str) or not item.strip() or "\0" in (item[1:] if embedded else item):
             raise BadRecord("bad_image_field", f"{key}: expected a path string or a list of them, got {show(item)}")
     return list(items)
 
@@ -107,9 +108,9 @@ def _part_image(part: dict, k: int) -> str | None:
     return value
 
 
-def _parts_turns(raw: dict) -> tuple[list[str], list[tuple[str, str]]]:
+def _parts_turns(raw: dict, embedded: bool) -> tuple[list[str], list[tuple[str, str]]]:
     """Content parts -> (images in order, turns with an <image> where each image part stood)."""
-    column = _image_list(raw)
+    column = _image_list(raw, embedded)
     conv = raw.get("messages")
     if not isinstance(conv, list) or not conv:
         raise BadRecord("no_conversations", "missing" if conv is None else f"got {show(conv)}")
@@ -155,15 +156,16 @@ def check_turns(turns: list[tuple[str, str]]) -> None:
         raise BadRecord("no_assistant_answer", detail)
 
 
-def parse(raw: dict, fmt: str | None = None) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
+def parse(raw: dict, fmt: str | None = None, embedded: bool = False
+          ) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
     """(image refs, [(role, text)]) of one raw record in ``fmt`` (detected when None), checked."""
     fmt = fmt or detect(raw)
     if fmt == "parts":
-        images, turns = _parts_turns(raw)
+        images, turns = _parts_turns(raw, embedded)
     elif fmt == "sharegpt":
-        images, turns = _image_list(raw), _plain_turns(raw.get("messages"), ("role", "from"), ("content", "value"))
+        images, turns = _image_list(raw, embedded), _plain_turns(raw.get("messages"), ("role", "from"), ("content", "value"))
     else:
-        images = _image_list(raw)
+        images = _image_list(raw, embedded)
         turns = _plain_turns(raw.get("conversations"), ("from", "role"), ("value", "content"))
     check_turns(turns)
     placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)

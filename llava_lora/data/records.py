@@ -289,7 +289,7 @@ def record_id(raw: Any, index: int, source: str = "") -> str:
 
 
 def parse_record(raw: Any, index: int, _turn_cache: dict | None = None, source: str = "",
-                 fmt: str | None = None) -> Record:
+                 fmt: str | None = None, embedded: bool = False) -> Record:
     """One raw record (any format of ``formats.py``) -> Record, or ``BadRecord(reason, detail)`` (a reason of
     ``errors.RECORD_REASONS``). A record without an id is named ``source#index``; an id given but unusable (an
     empty string, a list) is ``missing_id``.
@@ -301,7 +301,7 @@ def parse_record(raw: Any, index: int, _turn_cache: dict | None = None, source: 
     rid = record_id(raw, index, source)
     if raw.get("id") is not None and rid == f"{source}#{index}":
         raise BadRecord("missing_id", f"id is {show(raw.get('id'))}")
-    images, turns = parse(raw, fmt)
+    images, turns = parse(raw, fmt, embedded)
     out = []
     for role, text in turns:
         if _turn_cache is not None and role == "user":
@@ -326,14 +326,15 @@ class Loaded:
 class RecordReader:
     """Turns raw records into Records one by one, counting formats; shared by JSON, tables and shards."""
 
-    def __init__(self, source: str):
-        self.source, self.cache = source, {}
+    def __init__(self, source: str, embedded: bool = False):
+        # embedded: the reader of a table or shards puts references into its rows in the records' images
+        self.source, self.cache, self.embedded = source, {}, embedded
         self.loaded = Loaded([], [], Counter())
 
     def add(self, raw: Any, index: int, fmt: str | None = None) -> None:
         try:
             fmt = fmt or (detect(raw) if isinstance(raw, dict) else None)
-            self.loaded.records.append(parse_record(raw, index, self.cache, self.source, fmt))
+            self.loaded.records.append(parse_record(raw, index, self.cache, self.source, fmt, self.embedded))
             self.loaded.formats[fmt] += 1
         except BadRecord as e:
             self.loaded.bad.append(e.rejected(record_id(raw, index, self.source)))

@@ -142,7 +142,7 @@ def _raw(shard: int, name: str, key: str, slot: dict[str, Any]) -> tuple[dict, s
 def load(spec: str | Path, reader_class) -> Any:
     """Every sample of the shards as a record (``records.RecordReader``); images as offsets, read later."""
     files = shard_files(str(spec))
-    reader = reader_class(Path(str(spec)).name)
+    reader = reader_class(Path(str(spec)).name, embedded=True)
     for k, path in enumerate(files):
         reader.source = path.name
         for index, (key, slot) in enumerate(_samples(path).items()):
@@ -162,7 +162,7 @@ class ShardImages:
         self.spec, self.base, self._files = spec, as_store(base), None
 
     def __str__(self) -> str:
-        return f"{self.spec} (read in place)"
+        return "in its tar members, read in place"
 
     def __getstate__(self) -> dict:
         return {"spec": self.spec, "base": self.base, "_files": None}
@@ -170,27 +170,34 @@ class ShardImages:
     def locate(self, ref: str) -> BadRecord | None:
         return None if ref.startswith(EMBEDDED) else self.base.locate(ref)
 
+    def _where(self, ref: str) -> tuple[Path, int, int, str]:
+        """(shard, offset, size, member) of a reference; BadRecord for a string that is none."""
+        if self._files is None:
+            self._files = shard_files(self.spec)
+        try:
+            shard, offset, size, member = ref[1:].split(":", 3)
+            return self._files[int(shard)], int(offset), int(size), member
+        except (ValueError, IndexError):
+            raise BadRecord("bad_image_field", f"{ref[1:]!r} is no member of {self.spec}") from None
+
     def name(self, ref: str) -> str:
         if not ref.startswith(EMBEDDED):
             return self.base.name(ref)
-        if self._files is None:
-            self._files = shard_files(self.spec)
-        shard, _, _, member = ref[1:].split(":", 3)
-        return f"{self._files[int(shard)].name}:{member}"
+        path, _, _, member = self._where(ref)
+        return f"{path.name}:{member}"
 
     def open(self, ref: str) -> tuple[str, Any]:
         if not ref.startswith(EMBEDDED):
             return self.base.open(ref)
-        name = self.name(ref)
-        shard, offset, size, member = ref[1:].split(":", 3)
-        path = self._files[int(shard)]
-        if int(size) == 0:
-            raise BadRecord("empty_image", f"{path.name}:{member} is 0 bytes")
+        path, offset, size, member = self._where(ref)
+        name = f"{path.name}:{member}"
+        if size == 0:
+            raise BadRecord("empty_image", f"{name} is 0 bytes")
         import io
 
         with open(path, "rb") as f:  # one seek and one read; no handle kept across forks
-            f.seek(int(offset))
-            data = f.read(int(size))
-        if len(data) != int(size):
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
             raise BadRecord("truncated_image", f"{path.name}:{member}: {len(data)} of {size} bytes")
         return name, io.BytesIO(data)

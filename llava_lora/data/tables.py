@@ -74,6 +74,10 @@ class ParquetPart:
     def schema(self):
         return self.file.schema_arrow
 
+    @property
+    def num_rows(self) -> int:
+        return self.file.metadata.num_rows
+
     def batches(self, columns: list[str]):
         return self.file.iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
@@ -106,6 +110,10 @@ class ArrowPart:
     @property
     def schema(self):
         return self.table.schema
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
 
     def batches(self, columns: list[str]):
         return self.table.select(columns).to_batches(max_chunksize=BATCH_ROWS)
@@ -167,7 +175,7 @@ def _image_refs(column, is_list: bool, part: int, start: int, name: str) -> list
 def load(spec: str | Path, reader_class) -> Any:
     """Every row of the table as a record (``records.RecordReader``); images as references, read later."""
     parts = open_parts(str(spec))
-    reader = reader_class(Path(str(spec)).name)
+    reader = reader_class(Path(str(spec)).name, embedded=True)
     for k, part in enumerate(parts):
         images = _image_columns(part.schema)
         text = [f.name for f in part.schema if f.name not in images]
@@ -195,7 +203,7 @@ class TableImages:
         self.spec, self.base, self._parts = spec, as_store(base), None
 
     def __str__(self) -> str:
-        return f"{self.spec} (paths under {self.base})"
+        return f"in its rows (a path: under {self.base})"
 
     def __getstate__(self) -> dict:
         return {"spec": self.spec, "base": self.base, "_parts": None}
@@ -209,19 +217,29 @@ class TableImages:
     def locate(self, ref: str) -> BadRecord | None:
         return None if ref.startswith(EMBEDDED) else self.base.locate(ref)
 
+    def _where(self, ref: str) -> tuple[Any, int, str, int]:
+        """(part, row, column, index in the cell) of a reference; BadRecord for a string that is none."""
+        try:
+            part, row, column, k = ref[1:].split(":")
+            return self.parts[int(part)], int(row), column, int(k)
+        except (ValueError, IndexError):
+            raise BadRecord("bad_image_field", f"{ref[1:]!r} is no image of {self.spec}") from None
+
     def name(self, ref: str) -> str:
         if not ref.startswith(EMBEDDED):
             return self.base.name(ref)
-        part, row, column, k = ref[1:].split(":")
-        return f"{self.parts[int(part)].name} row {row} {column}[{k}]"
+        part, row, column, k = self._where(ref)
+        return f"{part.name} row {row} {column}[{k}]"
 
     def open(self, ref: str) -> tuple[str, Any]:
         if not ref.startswith(EMBEDDED):
             return self.base.open(ref)
-        part, row, column, k = ref[1:].split(":")
-        cell = self.parts[int(part)].cell(int(row), column)
+        part, row, column, k = self._where(ref)
+        if row >= part.num_rows:
+            raise BadRecord("bad_image_field", f"{self.name(ref)}: no such row")
+        cell = part.cell(row, column)
         if isinstance(cell, list):
-            cell = cell[int(k)] if int(k) < len(cell) else None
+            cell = cell[k] if k < len(cell) else None
         if not cell or (cell.get("bytes") is None and not cell.get("path")):
             raise BadRecord("missing_image", f"{self.name(ref)}: neither bytes nor a path")
         if cell.get("bytes") is None:  # a struct with only a path: a file under the image root
