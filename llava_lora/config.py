@@ -43,7 +43,8 @@ def split_field() -> Any:
 
 
 def image_dir_field() -> Any:
-    return field(None, help="image root (default: DATA's images_dl/, else images/, else DATA's folder)")
+    return field(None, help="image root, a folder or a .zip (default: DATA's images_dl/, else images/, else images.zip, "
+                            "else DATA's folder)")
 
 
 def device_field() -> Any:

@@ -1,4 +1,4 @@
-"""``llava-lora data check DATA``: validate every record and image of a LLaVA data set, report the bad ones.
+"""``llava-lora data check DATA``: validate every record and image of a data set (any format), report the bad ones.
 
     llava-lora data check data/cc3m --json report.json      # exit 0: all usable, 1: some are not
     llava-lora data check data/cc3m --model MODEL_DIR       # and each record's tokens against train's limit
@@ -187,8 +187,11 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
 
 @dataclass
 class CheckConfig:
-    data: str | list = config_field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json (in a "
-                                                   "--config file also a list of sources: see data/sources.py)")
+    data: str | list = config_field(positional=True, help="a .json/.jsonl file (LLaVA, ShareGPT, content parts), a folder "
+                                                   "holding chat.json, parquet (a file or folder), a save_to_disk "
+                                                   "folder, hf://datasets/OWNER/NAME, tar shards (a folder or "
+                                                   "'s/{00000..00009}.tar'); in a --config file also a list of "
+                                                   "sources: see data/sources.py")
     image_dir: str | None = image_dir_field()
     split: str | None = split_field()
     json: str | None = config_field(None, help="write the full report (every bad record) to this JSON file")

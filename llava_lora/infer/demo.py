@@ -59,7 +59,8 @@ class DemoConfig(GenerationSettings):
     model: str = model_field()
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder) holding a trained adapter; "
                                            "without it the page shows the base model alone")
-    data: str | None = field(None, help="LLaVA-format JSON/JSONL file, or a folder holding chat.json, for tab 1")
+    data: str | None = field(None, help="data in any format `data check` reads (a JSON/JSONL file, a folder holding "
+                                       "chat.json, parquet, shards), for tab 1")
     split: str | None = split_field()
     image_dir: str | None = image_dir_field()
     host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to the network")
@@ -184,7 +185,7 @@ def _settings_panel(gr, cfg: DemoConfig) -> list:
 
 NO_DATA = ("No data set loaded. Start the demo with one to browse its samples:\n\n"
            "```\nllava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA [--split test]\n```\n\n"
-           "DATA is a LLaVA-format JSON/JSONL file or a folder holding `chat.json`.")
+           "DATA is any data `llava-lora data check` reads: a JSON/JSONL file, a folder holding `chat.json`, parquet, shards.")
 
 
 def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Samples):

@@ -203,3 +203,28 @@ def test_generate_refuses_images_and_placeholders_that_disagree(tmp_path, capsys
             "--prompt", "<image> Which?"]
     assert cli.main(argv) == 2
     assert "1 <image> placeholder for 2 --image" in capsys.readouterr().err
+
+
+def test_hub_sets_are_read_as_local_parquet(items, tmp_path, monkeypatch):
+    """hf://datasets/OWNER/NAME:split lists the set's parquet files and reads them through ParquetPart, as a local
+    file: a stand-in file system (the hub's paths mapped to a local folder) proves the path; no network here."""
+    import fsspec
+    import huggingface_hub
+
+    F.write_parquet(tmp_path / "owner" / "name", items, files=2)
+    local = fsspec.filesystem("file")
+
+    class StandIn:
+        def _local(self, path: str) -> str:
+            return str(tmp_path / path.removeprefix("datasets/"))
+
+        def glob(self, pattern: str) -> list[str]:
+            return [f"datasets/{Path(p).relative_to(tmp_path)}" for p in local.glob(self._local(pattern))]
+
+        def open(self, path: str, mode: str = "rb"):
+            return local.open(self._local(path), mode)
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", StandIn)
+    loaded, store = _read("hf://datasets/owner/name:train")
+    local_loaded, local_store = _read(tmp_path / "owner" / "name")
+    assert _seen(loaded, store) == _seen(local_loaded, local_store) and len(loaded.records) == len(items)
