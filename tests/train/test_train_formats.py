@@ -123,3 +123,26 @@ def test_resume_after_kill_is_exact_on_parquet_and_shards(world: Models, tmp_pat
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4, rtol=0), k
+
+
+def test_max_length_counts_every_image_and_never_cuts_the_last(world: Models):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llava_lora.chat import encode
+    from llava_lora.data.records import BadRecord, Record, Turn
+
+    tok, config = AutoTokenizer.from_pretrained(world.qwen_model), AutoConfig.from_pretrained(world.qwen_model)
+    n = image_tokens_per_image(config)
+    record = Record("two", ("a.png", "b.png"), (Turn("user", "<image>\nFirst, and <image> second: which?"),
+                                                 Turn("assistant", "the first")))
+    full = encode.encode(tok, record, config.image_token_id, n, None)
+    at = (full.input_ids == config.image_token_id).nonzero()[0]
+    assert len(at) == 2 * n and at[n] > at[n - 1] + 1  # two runs of image tokens, text between them
+    with pytest.raises(BadRecord, match="the image tokens") as e:
+        encode.encode(tok, record, config.image_token_id, n, int(at[-1]))  # one short of the second image's end
+    assert e.value.reason == "too_long"
+    cut = encode.encode(tok, record, config.image_token_id, n, len(full.input_ids) - 1)  # the trailing text only
+    assert (cut.input_ids == config.image_token_id).sum() == 2 * n and (cut.labels != -100).any()
+    with pytest.raises(BadRecord) as e:
+        encode.encode(tok, Record("x", ("a.png",), record.turns), config.image_token_id, n, None)
+    assert e.value.reason == "image_token_mismatch"  # the encoder's own check: 2 placeholders for 1 image
