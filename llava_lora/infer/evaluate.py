@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -199,7 +200,8 @@ def default_out(cfg: EvalConfig) -> Path | None:
         return Path(cfg.out)
     if cfg.index is not None:
         return None
-    name = "eval-" + (cfg.split or Path(cfg.data).stem)
+    # a shard pattern's braces or a hub spec's colon make no folder name
+    name = "eval-" + re.sub(r"[^\w.-]+", "_", cfg.split or Path(cfg.data).stem).strip("_")
     return (Path(cfg.adapter) if cfg.adapter else Path.cwd()) / name
 
 

@@ -76,7 +76,7 @@ def test_every_format_trains_with_no_record_skipped_and_evaluates(world: Models,
     config.write_text(yaml.safe_dump({"data": [{"path": p} for p in sources.values()]}))
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--model", str(world.qwen_model), "--out", str(run), *FAST,
-            "--max-steps", "8", "--batch-size", "4", "--learning-rate", "3e-3"]
+            "--max-steps", "8", "--batch-size", "4", "--learning-rate", "3e-3", "--num-workers", "2"]  # stores in workers
     assert quiet(cli.main, argv) == 0
     report = json.loads((run / "data_report.json").read_text())
     captions = sum(len(it.images) == 1 for it in items)  # the caption shards hold the one-image records
