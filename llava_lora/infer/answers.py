@@ -98,8 +98,8 @@ def _answer_batch(model, processor, kept: list[int], images: list, asked: list[t
         if refusal is None:
             raise
         rec = records[kept[0]]
-        rejected = Rejected(rec.id, "preprocess_failed", f"image {refusal[0]} ({rec.images[refusal[0]]!r}): "
-                                                         f"{refusal[1]}")
+        name = rec.images[refusal[0]].replace("\0", "")  # NUL: a reference into a table or shards
+        rejected = Rejected(rec.id, "preprocess_failed", f"{name}: {refusal[1]}")
         skipped.append({**rejected.as_dict(), "when": "generation"})
         return []
     return [(i, {s: outs[s][k] for s in systems}) for k, i in enumerate(kept)]

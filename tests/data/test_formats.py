@@ -106,6 +106,7 @@ def test_parquet_opening_reads_no_image_bytes(items, tmp_path, monkeypatch):
     assert all(ref.startswith(tables.EMBEDDED) for r in loaded.records for ref in r.images)
 
 
+@pytest.mark.slow  # spawns process pools
 def test_stores_cross_processes(items, tmp_path, monkeypatch):
     """A spawned pool gets each store pickled; the zip, the table and the shards open again there."""
     monkeypatch.setattr(check, "MIN_POOL", 0)
