@@ -133,7 +133,9 @@ def _hub_parts(spec: str) -> list[ParquetPart]:
     root = f"datasets/{repo}" + (f"@{rev}" if rev else "")
     files = sorted(p for p in fs.glob(f"{root}/**/*.parquet") if _in_split(p, split or "train"))
     if not files:
-        raise UsageError(f"{spec}: no parquet files of split {split or 'train'!r} on the hub")
+        raise UsageError(f"{spec}: no parquet files of split {split or 'train'!r} on the hub (a set kept as JSON + "
+                         f"images, like LLaVA-CC3M-Pretrain-595K: `hf download {repo} --repo-type dataset --local-dir "
+                         f"DIR`, then --data DIR; or its parquet branch: @refs%2Fconvert%2Fparquet)")
     return [ParquetPart(f"{repo}/{Path(p).name}", (lambda p=p: fs.open(p, "rb"))) for p in files]
 
 

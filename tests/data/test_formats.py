@@ -229,3 +229,19 @@ def test_hub_sets_are_read_as_local_parquet(items, tmp_path, monkeypatch):
     loaded, store = _read("hf://datasets/owner/name:train")
     local_loaded, local_store = _read(tmp_path / "owner" / "name")
     assert _seen(loaded, store) == _seen(local_loaded, local_store) and len(loaded.records) == len(items)
+
+
+def test_parquet_of_llava_rows_with_image_paths(items, tmp_path, llava_seen):
+    """A parquet file of LLaVA rows whose ``image`` is a path (a list for two), images in images/ beside it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    llava = F.write_llava(tmp_path / "l", items)
+    (llava / "images_dl").rename(tmp_path / "images")
+    rows = json.loads((llava / "chat.json").read_text())
+    for r in rows:  # one column type for all rows: a list of paths (empty for text-only)
+        r["image"] = [] if "image" not in r else r["image"] if isinstance(r["image"], list) else [r["image"]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "llava.parquet")
+    loaded, store = _read(tmp_path / "llava.parquet")
+    assert not loaded.bad and dict(loaded.formats) == {"llava": len(items)}
+    assert _seen(loaded, store) == llava_seen and loaded.records[0].id == "r0000"
