@@ -9,23 +9,25 @@ the demo all start from, so a sample is asked exactly as it was taught.
 
 from __future__ import annotations
 
-from ..data.records import IMAGE_PLACEHOLDER, Record, Turn, plain_text
+from ..data.records import IMAGE_PLACEHOLDER, Record, Turn, plain_text, text_pieces
 
 
 def parts(text: str) -> list[dict]:
     """A turn's content parts: an image part where each ``<image>`` stands, the text between (its whitespace next
     to a placeholder left out), so ``<image>\\nQ`` is ``[image, text Q]`` and ``Q <image> R`` three parts."""
-    pieces = text.split(IMAGE_PLACEHOLDER)
     out: list[dict] = []
-    for k, piece in enumerate(pieces):
+    for k, piece in enumerate(text_pieces(text)):
         if k:
             out.append({"type": "image"})
-            piece = piece.lstrip()
-        if k < len(pieces) - 1:
-            piece = piece.rstrip()
         if piece:
             out.append({"type": "text", "text": piece})
     return out
+
+
+def content(text: str, image: bool, image_first: bool = True) -> list[dict]:
+    """The content parts of one text and at most one image, before (``image_first``) or after it."""
+    return parts(f"{IMAGE_PLACEHOLDER}{text}" if image and image_first else f"{text}{IMAGE_PLACEHOLDER}" if image
+                 else text)
 
 
 def messages(record: Record, turns: tuple[Turn, ...] | None = None) -> list[dict]:

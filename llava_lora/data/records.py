@@ -60,6 +60,15 @@ class Record:
         return self.turns[0].text.lstrip().startswith(IMAGE_PLACEHOLDER)
 
 
+def text_pieces(text: str) -> list[str]:
+    """A turn's text between its ``<image>`` placeholders, the whitespace next to each placeholder left out: what
+    the chat template is given (``prompts.parts``), and what the sampler's length estimate counts."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for k in range(1, len(pieces)):  # the whitespace around each placeholder
+        pieces[k - 1], pieces[k] = pieces[k - 1].rstrip(), pieces[k].lstrip()
+    return pieces
+
+
 def plain_text(text: str) -> str:
     """A turn's text without its ``<image>`` placeholders (and the whitespace next to them), for display."""
     return " ".join(p for p in (x.strip() for x in text.split(IMAGE_PLACEHOLDER)) if p)
