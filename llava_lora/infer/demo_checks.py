@@ -65,6 +65,23 @@ def checked_upload(path: str | None, max_bytes: int, max_pixels: int) -> Image.I
         raise RequestError(f"cannot use this image ({e.reason}): {e.detail}") from None
 
 
+MAX_UPLOAD_IMAGES = 8  # images of one question in tab 2 (each is the tower's feature count of tokens)
+
+
+def upload_images(paths: list, question: str, max_bytes: int, max_pixels: int) -> list[Image.Image]:
+    """The uploaded images (the first box's, then the others', empty ones left out), each through the limits; a
+    question whose ``<image>`` placeholders do not match them in number is refused."""
+    paths = [p if isinstance(p, (str, os.PathLike)) or p is None else getattr(p, "path", p) for p in paths]
+    paths = [p for p in paths if p]
+    if len(paths) > MAX_UPLOAD_IMAGES:
+        raise RequestError(f"{len(paths)} images; the limit is {MAX_UPLOAD_IMAGES}")
+    placeholders = question.count("<image>")
+    if placeholders and placeholders != len(paths):
+        raise RequestError(f"the question has {placeholders} <image> for {len(paths)} images: one per image, or "
+                           "none (all images first)")
+    return [checked_upload(p, max_bytes, max_pixels) for p in paths]
+
+
 def check_pixels(processor, image: Image.Image | None) -> None:
     """Refuse, as a request error, an image that decoded but that the model's image processor cannot take."""
     if image is None:
