@@ -76,14 +76,19 @@ def test_every_format_trains_with_no_record_skipped_and_evaluates(world: Models,
     config.write_text(yaml.safe_dump({"data": [{"path": p} for p in sources.values()]}))
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--model", str(world.qwen_model), "--out", str(run), *FAST,
-            "--max-steps", "8", "--batch-size", "4", "--learning-rate", "3e-3", "--num-workers", "2"]  # stores in workers
+            "--max-steps", "8", "--batch-size", "4", "--learning-rate", "3e-3", "--num-workers", "2",  # in workers
+            "--eval-data", str(F.write_save_to_disk(tmp_path / "held", items)), "--eval-every", "4"]  # 2 two-image
     assert quiet(cli.main, argv) == 0
     report = json.loads((run / "data_report.json").read_text())
     captions = sum(len(it.images) == 1 for it in items)  # the caption shards hold the one-image records
-    assert report["skipped"] == 0 and report["records"] == 6 * len(items) + captions, report["samples"][:3]
+    assert report["skipped"] == 0 and report["records"] == 7 * len(items) + captions, report["samples"][:3]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert losses and all(l == l for l in losses)  # finite
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8] and all(r["eval_loss"] > 0 for r in rows
+                                                                          if "eval_loss" in r)
+    assert (run / "samples" / "step-4.jsonl").read_text().strip()  # held-out answers, images and all
     for family in ("sharegpt", "parquet", "shards"):  # JSON-like, tables, tars
         out = tmp_path / f"eval-{family}"
         assert quiet(cli.main, ["eval", "--model", str(world.qwen_model), "--adapter", str(run), "--data",
