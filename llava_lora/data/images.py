@@ -5,6 +5,12 @@ command: data check, train, eval, generate and the demo all open images here.
     kept, bad = locate_records(records, root)        # the same verdict for a data set, by stat: bad is [Rejected]
     img = open_image(path)                           # RGB, EXIF orientation applied, fully decoded, or BadRecord
     check_image(path)                                # open_image's verdict, faster (data check)
+    store = as_store(root)                           # where a data set's images live: FolderImages, ZipImages,
+    img = open_ref(store, ref)                       #   tables.TableImages, shards.ShardImages; the same decoding
+
+A store answers ``locate(ref)`` (None, or the BadRecord: a stat or a look-up, no decoding), ``open(ref)`` (a name
+for reports and an open binary file) and ``name(ref)``; it pickles without its open handles (process pools, data
+workers), each process opening its own.
 
 Reasons (``BadRecord.reason``): ``errors.IMAGE_REASONS``; of them, ``preprocess_failed`` is given by the
 callers whose image processor refuses pixels that decoded.

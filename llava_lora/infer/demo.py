@@ -192,6 +192,11 @@ NO_DATA = ("No data set loaded. Start the demo with one to browse its samples:\n
            "DATA is any data `llava-lora data check` reads: a JSON/JSONL file, a folder holding `chat.json`, parquet, shards.")
 
 
+def one_or_all(images: list | None):
+    """What the engine is given for a prompt: None, the image, or the list of images in placeholder order."""
+    return None if not images else images[0] if len(images) == 1 else images
+
+
 def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Samples):
     """Tab 1's handlers: (show a sample, step the index by -1/+1/0 for random, compare both models on a sample)."""
 
@@ -215,7 +220,7 @@ def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Sa
         try:
             settings = page_settings(settings_ui, cfg.max_new_tokens_cap)
             record = samples.get(index)
-            image = samples.images(record)  # every image of the record, in placeholder order
+            image = one_or_all(samples.images(record))  # every image of the record, in placeholder order
             msgs, reference = prompts.prompt_and_reference(record)
             base = tuned = ""
             for base, tuned, status in engine.compare(engine.prompt(msgs), image, settings):
@@ -309,7 +314,7 @@ def _upload_callback(gr, cfg: DemoConfig, engine: SideBySideEngine):
             for image in images:
                 check_pixels(engine.processor, image)
             msgs = prompts.user_messages(question, len(images))
-            yield from engine.compare(engine.prompt(msgs), images or None, settings)
+            yield from engine.compare(engine.prompt(msgs), one_or_all(images), settings)
         except RequestError as e:
             raise gr.Error(str(e)) from None
         except Exception as e:
