@@ -1,6 +1,14 @@
-"""Time and peak memory of opening a CC3M-595K-sized chat.json, and of ``llava-lora data check`` over it.
+"""Time and peak memory of opening a CC3M-595K-sized data set, and of ``llava-lora data check`` over it, in each
+layout the tool reads: chat.json + images_dl/, chat.json + images.zip, parquet with embedded images, tar shards.
 
     .venv/bin/python benchmarks/data_open.py              # 595K records, ~160 MB of JSON; --n 20000 for a quick run
+    .venv/bin/python benchmarks/data_open.py --layout parquet --layout zip --layout shards --n 20000
+
+For zip, parquet and shards the images' bytes are real copies (about 14 KB per record: 8 GB at 595K per layout);
+the parquet file has row groups of 100 rows (as ``datasets`` writes image sets), the shards 10,000 samples each
+(img2dataset's default), caption-only (``key.jpg`` + ``key.txt``). Their phases: ``open`` (``load_data`` and the
+stat/look-up pass), ``check`` and ``first batch`` (opening, then decoding the images of 8 records drawn at random: the
+data's share of the first training step's latency).
 
 Writes the set in a temporary folder: ``chat.json`` with CC3M-style records (the 11 LLaVA pretraining
 questions, captions of 5-20 words) and ``images_dl/``, one hard link per record to one of a few JPEGs
@@ -97,6 +105,76 @@ def write_dataset(folder: Path, n: int) -> tuple[Path, float]:
     return path, time.perf_counter() - start
 
 
+SHARD_SIZE = 10_000
+ROW_GROUP = 100
+
+
+def _cc3m_rows(n: int):
+    """(id, question with <image>, caption) of ``n`` CC3M-style records, seeded."""
+    rng = random.Random(0)
+    for i in range(n):
+        rid = f"GCC_train_{rng.randrange(10**9):09d}_{i}"
+        caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + " ."
+        q = rng.choice(QUESTIONS)
+        yield rid, (f"{q}\n<image>" if rng.random() < 0.5 else f"<image>\n{q}"), caption
+
+
+def write_layout(folder: Path, n: int, layout: str) -> tuple[Path, float]:
+    """The set in ``layout`` (zip, parquet, shards) under ``folder``; returns (DATA, seconds)."""
+    import zipfile
+
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    jpegs = [p.read_bytes() for p in _write_jpegs(folder)]
+    conv = lambda q, c: [{"from": "human", "value": q}, {"from": "gpt", "value": c}]  # noqa: E731
+    if layout == "zip":
+        with zipfile.ZipFile(folder / "images.zip", "w") as z, open(folder / "chat.json", "w") as f:
+            f.write("[")
+            for i, (rid, q, c) in enumerate(_cc3m_rows(n)):
+                z.writestr(f"{rid}.jpg", jpegs[i % JPEGS])  # stored: JPEGs do not deflate
+                f.write((", " if i else "") + json.dumps({"id": rid, "image": f"{rid}.jpg", "conversations": conv(q, c)}))
+            f.write("]")
+        return folder, time.perf_counter() - start
+    if layout == "parquet":
+        return _write_parquet(folder, n, jpegs, conv), time.perf_counter() - start
+    return _write_shards(folder, n, jpegs), time.perf_counter() - start
+
+
+def _write_parquet(folder: Path, n: int, jpegs: list[bytes], conv) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / "train.parquet"
+    writer, rows = None, []
+    for i, (rid, q, c) in enumerate(_cc3m_rows(n)):
+        rows.append({"id": rid, "conversations": conv(q, c), "image": {"bytes": jpegs[i % JPEGS], "path": None}})
+        if len(rows) == 10_000 or i == n - 1:
+            table = pa.Table.from_pylist(rows)
+            writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=["id"])  # bytes stay bytes
+            writer.write_table(table, row_group_size=ROW_GROUP)
+            rows = []
+    writer.close()
+    return path
+
+
+def _write_shards(folder: Path, n: int, jpegs: list[bytes]) -> Path:
+    import io
+    import tarfile
+
+    tar = None
+    for i, (rid, _, caption) in enumerate(_cc3m_rows(n)):
+        if i % SHARD_SIZE == 0:
+            if tar is not None:
+                tar.close()
+            tar = tarfile.open(folder / f"{i // SHARD_SIZE:05d}.tar", "w")
+        for name, data in ((f"{i:09d}.jpg", jpegs[i % JPEGS]), (f"{i:09d}.txt", caption.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tar.close()
+    return folder / ("{00000..%05d}.tar" % ((n - 1) // SHARD_SIZE))
+
+
 def _hwm_mb(pid: str = "self") -> float:
     """Peak RSS (VmHWM) of a live process, in MB. Unlike getrusage's ru_maxrss it starts afresh at exec, so
     a child does not inherit the peak of the process that forked it."""
@@ -160,6 +238,8 @@ def phase(name: str, path: str, workers: int) -> dict:
         file, root = resolve_data(path)
         report = check_file(file, root, workers=workers, progress=False)
         out["records"], out["bad"] = report.total, len(report.bad)
+    elif name == "first batch":
+        out.update(_first_batch(path))
     out["seconds"] = time.perf_counter() - start
     stop.set()
     watcher.join()
@@ -169,6 +249,22 @@ def phase(name: str, path: str, workers: int) -> dict:
     out["peak_rss_mb"] = _hwm_mb()
     out["worker_peak_rss_mb"] = max(peaks.values(), default=0.0)
     return out
+
+
+def _first_batch(path: str) -> dict:
+    """Open the set, then decode the images of 8 records drawn at random (the sampler's first draw)."""
+    from llava_lora.data.images import as_store, locate_records, open_ref
+    from llava_lora.data.records import load_records, resolve_data
+
+    file, root = resolve_data(path)
+    good, _ = load_records(file)
+    kept, bad = locate_records(good, root)
+    opened = time.perf_counter()
+    store = as_store(root)
+    for k in random.Random(0).sample(range(len(kept)), 8):
+        for ref in kept[k].images:
+            open_ref(store, ref)
+    return {"records": len(kept), "bad": len(bad), "decode_seconds": time.perf_counter() - opened}
 
 
 def _run_phase(name: str, path: Path, workers: int) -> dict:
@@ -182,6 +278,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=595_375, help="records (CC3M-595K has 595,375)")
     ap.add_argument("--workers", type=int, default=0, help="image-check processes; 0: one per core")
     ap.add_argument("--skip-check", action="store_true", help="only time opening the file")
+    ap.add_argument("--layout", action="append", choices=["json", "zip", "parquet", "shards"],
+                    help="data layout, repeatable (default: json)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -189,24 +287,37 @@ def main() -> None:
         print(json.dumps(phase(args.phase, args.path, args.workers)))
         return
 
-    with tempfile.TemporaryDirectory(prefix="data_open_") as tmp:
-        path, took = write_dataset(Path(tmp), args.n)
+    for layout in args.layout or ["json"]:
+        with tempfile.TemporaryDirectory(prefix="data_open_") as tmp:
+            _bench_layout(layout, Path(tmp), args)
+
+
+def _bench_layout(layout: str, tmp: Path, args) -> None:
+    if layout == "json":
+        path, took = write_dataset(tmp, args.n)
+        data = tmp
         size_mb = path.stat().st_size / 2**20
-        jpeg_kb = sum(p.stat().st_size for p in Path(tmp).glob("source_?.jpg")) / JPEGS / 1024
-        print(f"wrote {args.n:,} records, {size_mb:.0f} MB chat.json, {args.n:,} hard-linked 320x240 JPEGs "
-              f"({jpeg_kb:.0f} KB) in {took:.1f} s ({os.cpu_count()} CPU cores)")
+        print(f"json: wrote {args.n:,} records, {size_mb:.0f} MB chat.json, {args.n:,} hard-linked 320x240 JPEGs "
+              f"in {took:.1f} s ({os.cpu_count()} CPU cores)")
         phases = ["json.load", "load_records", "locate"] + ([] if args.skip_check else ["check"])
-        for name in phases:
-            load = os.getloadavg()[0]  # the machine may be shared: a busy one slows the check
-            r = _run_phase(name, path if name not in ("check", "locate") else Path(tmp), args.workers)
-            line = f"{name:>13}: {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  (load avg {load:.1f})"
-            if name == "locate":
-                line += f"\n               of which the stat pass {r['locate_seconds']:.2f} s, {r['bad']} not found"
-            if name == "check":
-                line += (f"\n               largest worker {r['worker_peak_rss_mb']:.0f} MB, "
-                         f"{r['records'] / r['seconds']:,.0f} images/s, {r['records'] / r['cpu_seconds']:,.0f} images "
-                         f"per CPU-second, {r['bad']} bad")
-            print(line, flush=True)
+    else:
+        data, took = write_layout(tmp, args.n, layout)
+        size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 2**20
+        print(f"{layout}: wrote {args.n:,} records, {size_mb:,.0f} MB in {took:.1f} s ({os.cpu_count()} CPU cores)")
+        phases = ["locate", "first batch"] + ([] if args.skip_check else ["check"])
+    for name in phases:
+        load = os.getloadavg()[0]  # the machine may be shared: a busy one slows the check
+        r = _run_phase(name, path if name in ("json.load", "load_records") else data, args.workers)
+        line = f"{name:>13}: {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  (load avg {load:.1f})"
+        if name == "locate":
+            line += f"\n               of which the stat pass {r['locate_seconds']:.2f} s, {r['bad']} not found"
+        if name == "first batch":
+            line += f"\n               of which decoding 8 random records' images {r['decode_seconds'] * 1000:.0f} ms"
+        if name == "check":
+            line += (f"\n               largest worker {r['worker_peak_rss_mb']:.0f} MB, "
+                     f"{r['records'] / r['seconds']:,.0f} images/s, {r['records'] / r['cpu_seconds']:,.0f} images "
+                     f"per CPU-second, {r['bad']} bad")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

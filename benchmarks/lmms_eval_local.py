@@ -134,19 +134,22 @@ metadata:
 
 def task_rows(data: str, split: str | None, image_dir: str | None) -> tuple[list[dict], list[str]]:
     """(rows of the usable records, ids left out and why), in the order ``llava-lora eval`` takes them."""
-    from llava_lora.data.records import BadRecord, load_records, resolve_data, resolve_image
+    from llava_lora.data.records import BadRecord, load_records, plain_text, resolve_data, resolve_image
 
     file, image_root = resolve_data(data, split, image_dir)
     records, bad = load_records(file)
     rows, left_out = [], [f"{r.id}: {r.reason}" for r in bad]
     for rec in records:
+        if len(rec.images) > 1:  # the task's rows carry one image (lmms-eval's local JSON task)
+            left_out.append(f"{rec.id}: {len(rec.images)} images; this task takes one")
+            continue
         try:
             image = str(resolve_image(image_root, rec.image)) if rec.image is not None else None
         except BadRecord as e:
             left_out.append(f"{rec.id}: {e.reason}")
             continue
         rows.append({"id": rec.id, "image": image, "image_first": rec.image_first,
-                     "turns": [{"role": t.role, "text": t.text} for t in rec.turns]})
+                     "turns": [{"role": t.role, "text": plain_text(t.text)} for t in rec.turns]})
     return rows, left_out
 
 

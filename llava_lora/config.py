@@ -43,7 +43,8 @@ def split_field() -> Any:
 
 
 def image_dir_field() -> Any:
-    return field(None, help="image root (default: DATA's images_dl/, else images/, else DATA's folder)")
+    return field(None, help="image root, a folder or a .zip (default: DATA's images_dl/, else images/, else images.zip, "
+                            "else DATA's folder)")
 
 
 def device_field() -> Any:
@@ -106,7 +107,8 @@ def _add_flag(parser, name: str, tp: Any, dest: str, help_text: str) -> None:
         parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
     elif typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
-        parser.add_argument(*flags, nargs="+", type=inner, **kwargs)
+        # extend: `--image A --image B` and `--image A B` both give [A, B]
+        parser.add_argument(*flags, nargs="+", type=inner, action="extend", **kwargs)
     elif typing.get_origin(tp) is typing.Literal:
         choices = typing.get_args(tp)
         parser.add_argument(*flags, choices=choices, type=type(choices[0]), **kwargs)

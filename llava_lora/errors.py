@@ -9,8 +9,10 @@ from dataclasses import dataclass, replace
 
 # The reason codes of a rejected record, declared once: they are what data_report.json and `data check --json`
 # carry, so they stay stable; BadRecord and Rejected refuse any other.
-RECORD_REASONS = (  # the record's JSON (data/records.py)
-    "invalid_json", "not_an_object", "missing_id", "bad_image_field", "multiple_images", "no_conversations",
+RECORD_REASONS = (  # the record's JSON (data/records.py, formats.py); missing_id: an id given but empty or not a
+    # string/number (a record without one is named by its source and position); image_count_mismatch: its images
+    # and its <image> placeholders (or image parts) differ in number
+    "invalid_json", "not_an_object", "missing_id", "bad_image_field", "image_count_mismatch", "no_conversations",
     "bad_turn", "unknown_speaker", "non_string_text", "turns_out_of_order", "no_assistant_answer",
     "image_token_mismatch",
 )

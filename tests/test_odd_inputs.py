@@ -87,7 +87,8 @@ def test_exif_rotated_jpeg_reaches_every_command_upright(corpus):
     assert check_image(stored) == UPRIGHT_SIZE
     # each command's own way of opening an image
     record = next(r for r in load_records(corpus.data)[0] if r.id == "exif_rotated")
-    _model_sees_upright(answers.load_image(record, corpus.root), stored)
+    (image,) = answers.load_image(record, corpus.root)  # a record's images, in placeholder order
+    _model_sees_upright(image, stored)
     _model_sees_upright(generate.user_image(str(stored)), stored)
     _model_sees_upright(demo_checks.checked_upload(str(stored), 10**7, 10**7), stored)
     samples = demo_checks.Samples([record], corpus.root, str(corpus.data))
@@ -347,7 +348,7 @@ def test_a_batch_that_fails_in_eval_is_asked_sample_by_sample(corpus, monkeypatc
     records = [r for r in load_records(corpus.data)[0] if r.id in ("one_px", "cmyk", "webp", "text_only")]
 
     def fake_answer_each(model, processor, texts, imgs, settings, adapters):
-        if any(im is not None and im.size == (1, 1) for im in imgs):
+        if any(im is not None and im[0].size == (1, 1) for im in imgs):  # each sample: its list of images
             raise ValueError("cannot infer the channel dimension of a 1x1 image")
         return [["red"] * len(texts) for _ in adapters]
 

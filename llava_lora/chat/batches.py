@@ -15,21 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import open_image, resolve_image
+from ..data.images import as_store, open_ref
 from ..data.records import Record
 from ..errors import BadRecord, Rejected
 from . import encode
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """``records[i]`` -> dict(input_ids, labels, pixel_values | None), or a ``Rejected`` (its ``index`` is i)."""
+    """``records[i]`` -> dict(input_ids, labels, pixel_values [n_images, 3, H, W] | None), or a ``Rejected`` (its
+    ``index`` is i)."""
 
     def __init__(self, records: list[Record], image_root: Path | list[Path], processor, image_token_id: int,
                  image_tokens: int, max_length: int | None, sources: list[str] | None = None):
         self.records = records
-        # one image root, or one per record (a mixture); ``sources`` names each record's source in its rejection
-        self.roots = image_root if isinstance(image_root, list) else None
-        self.image_root = None if self.roots is not None else Path(image_root)
+        # one image root (a folder, a zip, a table's or shards' store), or one per record (a mixture); ``sources``
+        # names each record's source in its rejection
+        self.roots = None
+        if isinstance(image_root, list):
+            stores: dict[int, object] = {}  # one store per root object: a mixture repeats each source's root
+            self.roots = [stores.setdefault(id(r), as_store(r)) for r in image_root]
+        self.image_root = None if self.roots is not None else as_store(image_root)
         self.sources = sources
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -45,17 +50,17 @@ class TrainDataset(torch.utils.data.Dataset):
         try:
             enc = encode.encode(self.tokenizer, rec, self.image_token_id, self.image_tokens, self.max_length)
             root = self.roots[i] if self.roots is not None else self.image_root
-            pixels = None if rec.image is None else self._pixels(root, rec.image)
+            pixels = torch.stack([self._pixels(root, ref) for ref in rec.images]) if rec.images else None
         except BadRecord as e:
             rejected = e.rejected(rec.id, i)
             return rejected if self.sources is None else rejected.with_source(self.sources[i])
         return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels}
 
-    def _pixels(self, root: Path, rel: str) -> torch.Tensor:
-        """[3, H, W] of the image ``rel``; whatever fails, in the file or the processor, is a BadRecord."""
-        pixels, why = encode.preprocess_image(self.image_processor, open_image(resolve_image(root, rel)))
+    def _pixels(self, store, ref: str) -> torch.Tensor:
+        """[3, H, W] of the image ``ref``; whatever fails, in the file or the processor, is a BadRecord."""
+        pixels, why = encode.preprocess_image(self.image_processor, open_ref(store, ref))
         if why is not None:  # the processor's own limits: the record's reason, not the worker's death
-            raise BadRecord("preprocess_failed", f"{rel}: {why}")
+            raise BadRecord("preprocess_failed", f"{store.name(ref)}: {why}")
         return pixels[0]
 
 
@@ -68,7 +73,7 @@ class Collator:
         input_ids      [2, 21] int64   pad_token_id after each sample's end
         attention_mask [2, 21] int64   1 on real tokens
         labels         [2, 21] int64   answer tokens and their end-of-turn; -100 elsewhere (pads included)
-        pixel_values   [1, 3, 336, 336] one image per record that has one, in batch order (None if none)
+        pixel_values   [1, 3, 336, 336] every image of every record, in batch and placeholder order (None if none)
         skipped        [Rejected("GCC_train_1", "truncated_image", "...", 7)]
     """
 
@@ -86,10 +91,10 @@ class Collator:
         for row, s in enumerate(samples):
             n = len(s["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = s["input_ids"], s["labels"], 1
-        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]  # each [n_images, 3, H, W]
         return {
             "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(mask),
-            "pixel_values": torch.stack(pixels) if pixels else None,
+            "pixel_values": torch.cat(pixels) if pixels else None,
             "skipped": skipped, "n_samples": len(samples),
         }

@@ -1,7 +1,7 @@
 """A record as token ids and labels, and an image as pixels: what training and the loss of eval read.
 
-Training tokenises the whole conversation (``prompts.messages``) with a single ``<image>`` placeholder and the chat
-template's assistant mask, then widens the placeholder to the tower's feature count; labels are the ids where the
+Training tokenises the whole conversation (``prompts.messages``) with one ``<image>`` placeholder per image and the
+chat template's assistant mask, then widens each placeholder to the tower's feature count; labels are the ids where the
 mask is on, ``IGNORE_INDEX`` elsewhere. Generation renders the same messages up to the answer
 (``prompts.generation_prompt``) and lets the processor widen the placeholder.
 """
@@ -24,7 +24,7 @@ DEFAULT_MAX_LENGTH = 2048  # train's --max-length default; data check's too_long
 
 @dataclass(frozen=True)
 class Encoded:
-    input_ids: np.ndarray  # [T] int64, image placeholder widened to the tower's feature count
+    input_ids: np.ndarray  # [T] int64, each image placeholder widened to the tower's feature count
     labels: np.ndarray  # [T] int64, IGNORE_INDEX outside assistant answers (each answer's end-of-turn kept)
 
 
@@ -39,16 +39,18 @@ def encode(tokenizer, record: Record, image_token_id: int, image_tokens: int, ma
     ids = np.asarray(out["input_ids"], dtype=np.int64)
     mask = np.asarray(out["assistant_masks"], dtype=bool)
     image_at = np.flatnonzero(ids == image_token_id)
-    if len(image_at) != (1 if record.image is not None else 0):
-        raise BadRecord("image_token_mismatch", f"{len(image_at)} image placeholders after templating")
-    if len(image_at):
+    if len(image_at) != len(record.images):
+        raise BadRecord("image_token_mismatch", f"{len(image_at)} image placeholders after templating for "
+                        f"{len(record.images)} images")
+    if len(image_at):  # every placeholder widened to the tower's feature count
         repeat = np.ones(len(ids), dtype=np.int64)
-        repeat[image_at[0]] = image_tokens
+        repeat[image_at] = image_tokens
         ids, mask = np.repeat(ids, repeat), np.repeat(mask, repeat)
     if not mask.any():
         raise BadRecord("empty_supervision", "no assistant token is supervised after tokenisation")
     if max_length is not None and len(ids) > max_length:
-        image_end = image_at[0] + image_tokens if len(image_at) else 0
+        # the last image's end, in the widened ids: each earlier placeholder added image_tokens - 1
+        image_end = image_at[-1] + len(image_at) * (image_tokens - 1) + 1 if len(image_at) else 0
         if image_end > max_length or not mask[:max_length].any():
             raise BadRecord("too_long", f"{len(ids)} tokens; max_length {max_length} would cut "
                             + ("the image tokens" if image_end > max_length else "every answer"))

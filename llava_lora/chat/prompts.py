@@ -1,38 +1,46 @@
-"""A LLaVA record as chat messages: the one rendering that training (``encode.encode``), evaluation, generate and
+"""A record as chat messages: the one rendering that training (``encode.encode``), evaluation, generate and
 the demo all start from, so a sample is asked exactly as it was taught.
 
-    messages(record)                        every turn, the image in the first user turn (training)
+    messages(record)                        every turn, an image part where each <image> stands (training)
     prompt_and_reference(record)            the turns up to the last answer, and that answer (eval, held-out)
-    user_messages("What is it?", image=True) one question typed by a user (generate, the demo)
+    user_messages("What is it?", images=2)  one question typed by a user (generate, the demo)
     generation_prompt(tokenizer, msgs)      the templated text that asks for the next answer
 """
 
 from __future__ import annotations
 
-from ..data.records import Record, Turn
+from ..data.records import IMAGE_PLACEHOLDER, Record, Turn, plain_text, text_pieces
 
 
-def content(text: str, image: bool, image_first: bool) -> list[dict]:
-    """A message's content parts: the text, and the image before (``image_first``) or after it."""
-    parts: list[dict] = [{"type": "text", "text": text}] if text else []
-    if image:
-        parts.insert(0 if image_first else len(parts), {"type": "image"})
-    return parts
-
-
-def messages(record: Record, turns: tuple[Turn, ...] | None = None) -> list[dict]:
-    """Chat messages of ``record`` (or of its first ``turns``); the image joins the first user turn."""
-    out = []
-    for i, turn in enumerate(record.turns if turns is None else turns):
-        out.append({"role": turn.role,
-                    "content": content(turn.text, image=i == 0 and record.image is not None,
-                                       image_first=record.image_first)})
+def parts(text: str) -> list[dict]:
+    """A turn's content parts: an image part where each ``<image>`` stands, the text between (its whitespace next
+    to a placeholder left out), so ``<image>\\nQ`` is ``[image, text Q]`` and ``Q <image> R`` three parts."""
+    out: list[dict] = []
+    for k, piece in enumerate(text_pieces(text)):
+        if k:
+            out.append({"type": "image"})
+        if piece:
+            out.append({"type": "text", "text": piece})
     return out
 
 
-def user_messages(question: str, image: bool) -> list[dict]:
-    """The messages of one question a user types, about an image (first, as LLaVA's data puts it) or none."""
-    return [{"role": "user", "content": content(question, image, True)}]
+def content(text: str, image: bool, image_first: bool = True) -> list[dict]:
+    """The content parts of one text and at most one image, before (``image_first``) or after it."""
+    return parts(f"{IMAGE_PLACEHOLDER}{text}" if image and image_first else f"{text}{IMAGE_PLACEHOLDER}" if image
+                 else text)
+
+
+def messages(record: Record, turns: tuple[Turn, ...] | None = None) -> list[dict]:
+    """Chat messages of ``record`` (or of its first ``turns``)."""
+    return [{"role": turn.role, "content": parts(turn.text)} for turn in (record.turns if turns is None else turns)]
+
+
+def user_messages(question: str, images: int) -> list[dict]:
+    """The messages of one question a user types about ``images`` images: each where an ``<image>`` stands in it,
+    else all before the text (as LLaVA's data puts one). The caller checks that the counts agree."""
+    if IMAGE_PLACEHOLDER not in question:
+        question = IMAGE_PLACEHOLDER * int(images) + question
+    return [{"role": "user", "content": parts(question)}]
 
 
 def prompt_and_reference(record: Record) -> tuple[list[dict], str]:
@@ -42,7 +50,7 @@ def prompt_and_reference(record: Record) -> tuple[list[dict], str]:
 
 def question(record: Record) -> str:
     """The last user turn's text, for display."""
-    return record.turns[-2].text if len(record.turns) >= 2 else ""
+    return plain_text(record.turns[-2].text) if len(record.turns) >= 2 else ""
 
 
 def generation_prompt(tokenizer, msgs: list[dict]) -> str:

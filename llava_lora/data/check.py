@@ -1,4 +1,4 @@
-"""``llava-lora data check DATA``: validate every record and image of a LLaVA data set, report the bad ones.
+"""``llava-lora data check DATA``: validate every record and image of a data set (any format), report the bad ones.
 
     llava-lora data check data/cc3m --json report.json      # exit 0: all usable, 1: some are not
     llava-lora data check data/cc3m --model MODEL_DIR       # and each record's tokens against train's limit
@@ -30,8 +30,9 @@ from typing import Any, TextIO
 from ..config import field as config_field
 from ..config import image_dir_field, split_field
 from ..errors import BadRecord, Rejected, UsageError
-from .images import check_image, resolve_image
-from .records import Record, duplicate_ids, load_records, resolve_data
+from .images import as_store, check_ref
+from .formats import MAPPINGS
+from .records import Record, duplicate_ids, load_data, resolve_data
 from .sources import parse_sources
 
 PRINT_LIMIT = 50  # bad records printed; the rest are in --json
@@ -48,6 +49,7 @@ class CheckReport:
     bad: list[Rejected]
     usable: list[Record]
     duplicates: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)  # records read per format (formats.py)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -62,21 +64,22 @@ class CheckReport:
             "counts": self.counts,
             "bad": [r.as_dict() for r in self.bad],
             "duplicate_ids": self.duplicates,
+            "formats": self.formats,
         }
 
 
-def _check_images(root: str, items: Sequence[tuple[int, str]]) -> dict[int, BadRecord]:
+def _check_images(store: Any, items: Sequence[tuple[int, str]]) -> dict[int, BadRecord]:
     """{index: why} for each image in ``items`` that cannot be resolved or decoded."""
     out = {}
-    for index, rel in items:
+    for index, ref in items:
         try:
-            check_image(resolve_image(root, rel))
+            check_ref(store, ref)
         except BadRecord as e:
             out[index] = e
     return out
 
 
-def _image_failures(images: list[str], root: Path, workers: int, progress: bool) -> dict[int, BadRecord]:
+def _image_failures(images: list[str], root: Any, workers: int, progress: bool) -> dict[int, BadRecord]:
     """{index into ``images``: why}, decoding in ``workers`` processes."""
     from tqdm import tqdm
 
@@ -88,12 +91,12 @@ def _image_failures(images: list[str], root: Path, workers: int, progress: bool)
         if workers == 1 or len(items) < MIN_POOL:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start:start + CHUNK]
-                found.update(_check_images(str(root), chunk))
+                found.update(_check_images(root, chunk))
                 bar.update(len(chunk))
             return found
         # spawn, not fork: the caller may hold threads (tqdm, torch) that fork would copy half-locked.
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_check_images, str(root), items[s:s + CHUNK]): min(CHUNK, len(items) - s)
+            futures = {pool.submit(_check_images, root, items[s:s + CHUNK]): min(CHUNK, len(items) - s)
                        for s in range(0, len(items), CHUNK)}
             for fut in as_completed(futures):
                 found.update(fut.result())
@@ -107,17 +110,18 @@ def check_records(records: Sequence[Record], root: str | Path, *, workers: int =
     """Check parsed records: each image resolves under ``root`` and decodes; with ``length_fn`` and
     ``max_length``, each record's token count (image tokens included) fits (reason ``too_long``).
 
-    Each distinct image path is decoded once, however many records share it (LLaVA-Instruct repeats them).
+    Every image of every record is decoded; each distinct one once, however many records share it (LLaVA-Instruct
+    repeats them).
     """
-    root = Path(root)
-    images = sorted({r.image for r in records if r.image is not None})
+    root = as_store(root)
+    images = sorted({ref for r in records for ref in r.images})
     failures = _image_failures(images, root, workers, progress)
     failed = {images[i]: why for i, why in failures.items()}
 
     bad: list[Rejected] = []
     usable: list[Record] = []
     for rec in _maybe_progress(records, progress and length_fn is not None, "lengths"):
-        why = failed.get(rec.image) if rec.image is not None else None
+        why = next((failed[ref] for ref in rec.images if ref in failed), None)
         if why is None and length_fn is not None and max_length is not None:
             why = _length_verdict(length_fn, rec, max_length)
         if why is None:
@@ -148,10 +152,10 @@ def _maybe_progress(records: Sequence[Record], show: bool, desc: str) -> Iterabl
 
 def check_file(file: str | Path, root: str | Path, **kwargs: Any) -> CheckReport:
     """``load_records`` + ``check_records``: parse errors come first in ``bad``, then image/length ones."""
-    good, parse_bad = load_records(file)
-    report = check_records(good, root, **kwargs)
-    return CheckReport(total=len(good) + len(parse_bad), bad=parse_bad + report.bad, usable=report.usable,
-                       duplicates=report.duplicates)
+    loaded = load_data(file)
+    report = check_records(loaded.records, root, **kwargs)
+    return CheckReport(total=len(loaded.records) + len(loaded.bad), bad=loaded.bad + report.bad,
+                       usable=report.usable, duplicates=report.duplicates, formats=dict(loaded.formats))
 
 
 def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None = None,
@@ -159,7 +163,9 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
     """Summary by reason, then one line per bad record (at most ``limit``); to stdout by default."""
     out = out or sys.stdout
     print(f"{file}: {report.total:,} records, {len(report.usable):,} usable, {len(report.bad):,} not "
-          f"(images under {root})", file=out)
+          f"(images: {root})", file=out)
+    for fmt, n in report.formats.items():  # what was read, and how: a wrong guess shows here, not in training
+        print(f"format {fmt} ({n:,} records): {MAPPINGS.get(fmt, fmt)}", file=out)
     if report.duplicates:
         shown = ", ".join(f"{rid} ({n}x)" for rid, n in list(report.duplicates.items())[:limit])
         more = len(report.duplicates) - limit
@@ -181,8 +187,11 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
 
 @dataclass
 class CheckConfig:
-    data: str | list = config_field(positional=True, help="a LLaVA .json/.jsonl file, or a folder holding chat.json (in a "
-                                                   "--config file also a list of sources: see data/sources.py)")
+    data: str | list = config_field(positional=True, help="a .json/.jsonl file (LLaVA, ShareGPT, content parts), a folder "
+                                                   "holding chat.json, parquet (a file or folder), a save_to_disk "
+                                                   "folder, hf://datasets/OWNER/NAME, tar shards (a folder or "
+                                                   "'s/{00000..00009}.tar'); in a --config file also a list of "
+                                                   "sources: see data/sources.py")
     image_dir: str | None = image_dir_field()
     split: str | None = split_field()
     json: str | None = config_field(None, help="write the full report (every bad record) to this JSON file")

@@ -5,6 +5,12 @@ command: data check, train, eval, generate and the demo all open images here.
     kept, bad = locate_records(records, root)        # the same verdict for a data set, by stat: bad is [Rejected]
     img = open_image(path)                           # RGB, EXIF orientation applied, fully decoded, or BadRecord
     check_image(path)                                # open_image's verdict, faster (data check)
+    store = as_store(root)                           # where a data set's images live: FolderImages, ZipImages,
+    img = open_ref(store, ref)                       #   tables.TableImages, shards.ShardImages; the same decoding
+
+A store answers ``locate(ref)`` (None, or the BadRecord: a stat or a look-up, no decoding), ``open(ref)`` (a name
+for reports and an open binary file) and ``name(ref)``; it pickles without its open handles (process pools, data
+workers), each process opening its own.
 
 Reasons (``BadRecord.reason``): ``errors.IMAGE_REASONS``; of them, ``preprocess_failed`` is given by the
 callers whose image processor refuses pixels that decoded.
@@ -13,6 +19,7 @@ callers whose image processor refuses pixels that decoded.
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 import warnings
 from collections.abc import Sequence
@@ -69,26 +76,132 @@ def _locate(real_root: str, root: Path, rel: str) -> BadRecord | None:
     return None
 
 
-def locate_records(records: Sequence[Any], root: str | Path) -> tuple[list[Any], list[Rejected]]:
-    """(records whose image is a file under ``root`` or who have none, a ``Rejected`` for each other).
+def locate_records(records: Sequence[Any], root: Any) -> tuple[list[Any], list[Rejected]]:
+    """(records each of whose images is in ``root`` (a folder, or any store of ``as_store``), a ``Rejected`` for
+    each other).
 
-    A stat per distinct image, no decoding: training drops these before step 1, so that the sampler never draws
-    a record that cannot load. Files that exist but do not decode are found later, when a worker opens them.
+    A stat (a look-up, for a zip or shards) per distinct image, no decoding: training drops these before step 1,
+    so that the sampler never draws a record that cannot load. Files that exist but do not decode are found
+    later, when a worker opens them.
     """
-    root = Path(root)
-    real_root = os.path.realpath(root)
+    store = as_store(root)
     verdicts: dict[str, BadRecord | None] = {}
     kept, bad = [], []
     for rec in records:
-        if rec.image is not None:
-            if rec.image not in verdicts:
-                verdicts[rec.image] = _locate(real_root, root, rec.image)
-            why = verdicts[rec.image]
+        why = None
+        for ref in rec.images:
+            if ref not in verdicts:
+                verdicts[ref] = store.locate(ref)
+            why = verdicts[ref]
             if why is not None:
-                bad.append(why.rejected(rec.id))
-                continue
-        kept.append(rec)
+                break
+        if why is None:
+            kept.append(rec)
+        else:
+            bad.append(why.rejected(rec.id))
     return kept, bad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where images live: a folder, a zip (tables.py and shards.py add rows of a table and members of tar shards)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FolderImages:
+    """Images as files under a folder: a ref is a path relative to it, which may not lead outside it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._real = os.path.realpath(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def locate(self, ref: str) -> BadRecord | None:
+        return _locate(self._real, self.root, ref)
+
+    def name(self, ref: str) -> str:
+        return ref
+
+    def open(self, ref: str) -> tuple[str, Any]:
+        path = resolve_image(self.root, ref)
+        return path.name, _open_file(path)
+
+
+_OPEN_ZIPS: dict = {}  # {(path, pid): (ZipFile, prefix)}
+
+
+class ZipImages:
+    """Images as members of a zip, read in place (nothing extracted); a ref is a member name, or a name under the
+    zip's single top-level folder (``images.zip`` holding ``images/x.jpg`` answers ``x.jpg``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._zip = None
+        self._prefix = None
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __getstate__(self) -> dict:  # an open zip does not cross processes: each opens its own
+        return {"path": self.path, "_zip": None, "_prefix": None}
+
+    def _open_zip(self):
+        if self._zip is None:  # one directory read per process and zip (a pool's tasks each get a fresh copy)
+            key = (self.path, os.getpid())  # a forked worker opens its own: a shared descriptor shares its offset
+            if key not in _OPEN_ZIPS:
+                import zipfile
+
+                try:
+                    z = zipfile.ZipFile(self.path)
+                except (OSError, zipfile.BadZipFile) as e:
+                    from ..errors import UsageError
+
+                    raise UsageError(f"{self.path}: not a readable zip: {e}") from None
+                tops = {n.split("/", 1)[0] for n in z.namelist() if "/" in n}
+                _OPEN_ZIPS[key] = z, (next(iter(tops)) + "/" if len(tops) == 1 else "")
+            self._zip, self._prefix = _OPEN_ZIPS[key]
+        return self._zip
+
+    def _member(self, ref: str):
+        z = self._open_zip()
+        norm = posixpath.normpath(ref.replace("\\", "/"))
+        if ref.startswith("/") or norm.startswith("../") or norm == "..":
+            raise BadRecord("image_path_escapes_root", f"{ref} leads outside {self.path}")
+        for name in (norm, self._prefix + norm):
+            try:
+                return z.getinfo(name)
+            except KeyError:
+                continue
+        raise BadRecord("missing_image", f"{ref} not found in {self.path}")
+
+    def name(self, ref: str) -> str:
+        return f"{self.path.name}:{ref}"
+
+    def locate(self, ref: str) -> BadRecord | None:
+        try:
+            info = self._member(ref)
+        except BadRecord as e:
+            return e
+        return BadRecord("not_a_file", f"{ref} is a folder in {self.path}") if info.is_dir() else None
+
+    def open(self, ref: str) -> tuple[str, Any]:
+        if self._zip is not None and _OPEN_ZIPS.get((self.path, os.getpid()), (None,))[0] is not self._zip:
+            self._zip = None  # forked since it was opened
+        info = self._member(ref)
+        if info.file_size == 0:
+            raise BadRecord("empty_image", f"{ref} is 0 bytes")
+        try:
+            return posixpath.basename(ref), self._zip.open(info)
+        except Exception as e:  # an unsupported compression or a damaged header: this image's reason
+            raise BadRecord("unreadable_image", f"{ref} in {self.path}: {type(e).__name__}: {e}") from None
+
+
+def as_store(root: Any) -> Any:
+    """The image store of ``root``: a store as it is, a ``.zip`` path as ``ZipImages``, a folder as ``FolderImages``."""
+    if hasattr(root, "locate"):
+        return root
+    return ZipImages(root) if str(root).endswith(".zip") else FolderImages(root)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +234,8 @@ def _to_rgb(img: Any) -> Any:
 def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
     """Open, fully decode, turn upright (EXIF orientation) and convert to RGB; BadRecord with an image reason
     if that is not possible, whatever the cause."""
-    return _decode(Path(path), max_pixels, reduced=False)[0]
+    path = Path(path)
+    return _decode(path.name, _open_file(path), max_pixels, reduced=False)[0]
 
 
 def check_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
@@ -130,7 +244,20 @@ def check_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[i
     JPEGs decode at 1/8 scale (libjpeg's DCT scaling): every byte of the entropy-coded data is still read, so
     truncated and corrupt files fail the same way, at about two thirds of the cost of a full decode.
     """
-    return _decode(Path(path), max_pixels, reduced=True)[1]
+    path = Path(path)
+    return _decode(path.name, _open_file(path), max_pixels, reduced=True)[1]
+
+
+def open_ref(store: Any, ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """``open_image`` of the image ``ref`` of a store (``stores.as_store``): a folder, a zip, rows, shards."""
+    name, f = store.open(ref)
+    return _decode(name, f, max_pixels, reduced=False)[0]
+
+
+def check_ref(store: Any, ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """``check_image`` of the image ``ref`` of a store."""
+    name, f = store.open(ref)
+    return _decode(name, f, max_pixels, reduced=True)[1]
 
 
 def _check_header(name: str, size: tuple[int, int], max_pixels: int) -> None:
@@ -157,11 +284,11 @@ def _open_file(path: Path):
         raise BadRecord("unreadable_image", f"{path.name}: {e.strerror or e}") from None
 
 
-def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int, int]]:
-    """(upright RGB image, its upright full (width, height)); ``reduced``: JPEGs decode at 1/8 scale."""
+def _decode(name: str, f: Any, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int, int]]:
+    """(upright RGB image, its upright full (width, height)) of the open binary file ``f`` (closed here);
+    ``reduced``: JPEGs decode at 1/8 scale."""
     from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-    f = _open_file(path)
     # Truncated files must fail here, not turn into half-grey training images, whatever the caller set.
     old_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -170,7 +297,7 @@ def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int,
         with f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(f)  # reads the header only; PIL refuses a decompression bomb here
-            _check_header(path.name, img.size, max_pixels)
+            _check_header(name, img.size, max_pixels)
             orientation = img.getexif().get(ORIENTATION, 1)
             # the full-scale size, upright (EXIF orientations 5-8 turn the picture by 90 degrees)
             size = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
@@ -182,17 +309,17 @@ def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int,
         try:
             return _to_rgb(img), size
         except ValueError as e:
-            raise BadRecord("unsupported_image_mode", f"{path.name}: {img.mode}: {e}") from None
+            raise BadRecord("unsupported_image_mode", f"{name}: {img.mode}: {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadRecord("image_too_large", f"{path.name}: {str(e).rstrip('.')}; refused before decoding") from None
+        raise BadRecord("image_too_large", f"{name}: {str(e).rstrip('.')}; refused before decoding") from None
     except UnidentifiedImageError:
-        raise BadRecord("not_an_image", f"{path.name}: not a format PIL can read") from None
+        raise BadRecord("not_an_image", f"{name}: not a format PIL can read") from None
     except BadRecord:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
         # PIL raises these for damaged files (SyntaxError: broken PNG chunks; OSError: truncated data).
-        raise BadRecord("truncated_image", f"{path.name}: {type(e).__name__}: {e}") from None
+        raise BadRecord("truncated_image", f"{name}: {type(e).__name__}: {e}") from None
     except Exception as e:  # anything else PIL meets in a hostile file is this record's reason, never a crash
-        raise BadRecord("undecodable_image", f"{path.name}: {type(e).__name__}: {e}") from None
+        raise BadRecord("undecodable_image", f"{name}: {type(e).__name__}: {e}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated

@@ -1,14 +1,16 @@
-"""LLaVA-format records: parsed once, compact in memory, images decoded lazily.
+"""Records: every data format read into one compact record (an id, image references, turns), images decoded lazily.
 
-A record on disk: ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``
-("role" is accepted for "from", "user"/"assistant" for the speakers, "content" for "value"). ``<image>``
-stands at the start or the end of the first human turn.
+A LLaVA record on disk: ``{"id"?, "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``;
+``formats.py`` reads it and the other tools' formats (ShareGPT ``messages`` + ``images``, content parts), each
+detected from the record's keys; ``tables.py`` parquet and ``save_to_disk`` folders, ``shards.py`` webdataset tars.
 
     records, bad = load_records(resolve_data("data/cc3m")[0])   # bad: [Rejected(id, reason, detail), ...]
+    loaded = load_data(file)                                      # .records, .bad, .formats {format: records}
     duplicate_ids(records)                                        # {id: count} of ids used more than once
 
-A bad record's reason is one of ``errors.RECORD_REASONS`` (``invalid_json``: a garbled JSONL line, named
-"line N"); its image's, one of ``errors.IMAGE_REASONS`` (see ``images.py``).
+Ids are optional: a record without one is named by its source and position (``mllm_demo.json#5``, 0-based), in
+every report. A bad record's reason is one of ``errors.RECORD_REASONS`` (``invalid_json``: a garbled JSONL line,
+named "line N"); its image's, one of ``errors.IMAGE_REASONS`` (see ``images.py``).
 
 Duplicate ids are reported (``data check``, train's data report) and the records still used: LLaVA mixtures
 repeat ids across their sources, and each record is a sample in its own right.
@@ -30,23 +32,46 @@ from typing import Any
 
 from ..errors import BadRecord, Rejected, UsageError
 # Images live in images.py; these names stay importable from here.
+from .formats import IMAGE_PLACEHOLDER, detect, parse, show
 from .images import MAX_IMAGE_PIXELS, check_image, open_image, resolve_image  # noqa: F401
 
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass(frozen=True, slots=True)
 class Turn:
     role: str  # "user" | "assistant"
-    text: str  # with the <image> placeholder removed (and the whitespace next to it)
+    text: str  # as written, with one "<image>" where each of the record's images stands (user turns only)
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    id: str
-    image: str | None  # image path relative to the image root, as written in the data; None: text-only
+    id: str  # the data's id, or the source and position (``chat.json#5``) of a record without one
+    images: tuple[str, ...]  # image references in placeholder order (paths under the image root, members, rows)
     turns: tuple[Turn, ...]  # alternating, starting with "user", ending with "assistant"
-    image_first: bool = True  # True: <image> stood before the first user text; False: after it
+
+    @property
+    def image(self) -> str | None:
+        """The first image reference, or None for a text-only record."""
+        return self.images[0] if self.images else None
+
+    @property
+    def image_first(self) -> bool:
+        """True when the first user turn starts with its image (LLaVA's ``<image>\\nQ``)."""
+        return self.turns[0].text.lstrip().startswith(IMAGE_PLACEHOLDER)
+
+
+def text_pieces(text: str) -> list[str]:
+    """A turn's text between its ``<image>`` placeholders, the whitespace next to each placeholder left out: what
+    the chat template is given (``prompts.parts``), and what the sampler's length estimate counts."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for k in range(1, len(pieces)):  # the whitespace around each placeholder
+        pieces[k - 1], pieces[k] = pieces[k - 1].rstrip(), pieces[k].lstrip()
+    return pieces
+
+
+def plain_text(text: str) -> str:
+    """A turn's text without its ``<image>`` placeholders (and the whitespace next to them), for display."""
+    return " ".join(p for p in (x.strip() for x in text.split(IMAGE_PLACEHOLDER)) if p)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,26 +79,74 @@ class Record:
 # ---------------------------------------------------------------------------------------------------------
 
 DEFAULT_FILE = "chat.json"
-IMAGE_DIR_NAMES = ("images_dl", "images")  # CC3M-595K unpacks into images_dl/; many sets use images/
+# CC3M-595K unpacks into images_dl/ (or stays images.zip, read in place); many sets use images/
+IMAGE_DIR_NAMES = ("images_dl", "images", "images.zip")
+HUB_PREFIX = "hf://datasets/"
+JSON_NAMES = (DEFAULT_FILE, "chat.jsonl", "train.json", "train.jsonl")
+
+
+def data_kind(data: str | Path) -> str:
+    """"json" (a .json/.jsonl file), "table" (parquet, ``save_to_disk``, ``hf://datasets/``) or "shards" (tars)."""
+    s = str(data)
+    p = Path(s)
+    if s.startswith(HUB_PREFIX) or s.endswith(".parquet"):
+        return "table"
+    if s.endswith(".tar") or ("{" in s and ".tar" in s):
+        return "shards"
+    if p.is_dir() and not any((p / n).is_file() for n in JSON_NAMES):
+        if any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")) \
+                or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
+            return "table"
+        if any(p.glob("*.tar")):
+            return "shards"
+    return "json"
+
+
+def _table_or_shards(p: Path, split: str | None) -> Path | None:
+    """A folder or a data path that ``tables.py`` or ``shards.py`` reads, else None."""
+    if data_kind(p) == "json":
+        return None
+    if split not in (None, "", "train") and p.is_dir() and (p / split).is_dir():
+        return p / split  # a DatasetDict's save_to_disk folder, or shards/{split}/
+    return p
 
 
 def resolve_data(data: str | Path, split: str | None = None, image_dir: str | Path | None = None
-                 ) -> tuple[Path, Path]:
-    """(records file, image root) for DATA: a .json/.jsonl file, or a folder holding ``chat.json``.
+                 ) -> tuple[Path, Any]:
+    """(records source, image root) for DATA: a .json/.jsonl file, a folder holding ``chat.json``, a parquet
+    file or folder, a ``save_to_disk`` folder, ``hf://datasets/OWNER/NAME[@rev][:split]``, tar shards (a folder of
+    ``*.tar`` or ``shards/{00000..00099}.tar``).
 
     With a folder, ``split`` other than "train" picks ``{split}.json`` (or ``.jsonl``) in it. The image root is
-    ``image_dir`` if given, else the data folder's ``images_dl/``, else ``images/``, else the folder itself.
+    ``image_dir`` if given (a folder or a ``.zip``), else the data folder's ``images_dl/``, else ``images/``, else
+    ``images.zip``, else the folder itself; for tables and shards, a store of the images they carry, which reads
+    images given by path under that root.
     """
+    s = str(data)
+    if s.startswith(HUB_PREFIX):
+        from . import tables
+
+        return s, tables.TableImages(s, _image_root(Path("."), image_dir))
     p = Path(data)
+    inner = _table_or_shards(p, split)
+    if inner is not None:
+        from . import shards, tables
+
+        folder = p if p.is_dir() else p.parent
+        while "{" in folder.name:
+            folder = folder.parent
+        store = tables.TableImages if data_kind(inner) == "table" else shards.ShardImages
+        return inner, store(str(inner), _image_root(folder, image_dir))
     if p.is_dir():
         folder = p
         if split in (None, "", "train"):
-            names = [DEFAULT_FILE, "chat.jsonl", "train.json", "train.jsonl"]
+            names = list(JSON_NAMES)
         else:
             names = [f"{split}.json", f"{split}.jsonl"]
         found = [folder / n for n in names if (folder / n).is_file()]
         if not found:
-            raise UsageError(f"{folder}: no {' or '.join(names[:2])} in this folder")
+            raise UsageError(f"{folder}: no {' or '.join(names[:2])} in this folder (nor parquet, a save_to_disk "
+                             "folder or *.tar shards)")
         file = found[0]
     elif p.is_file():
         if split not in (None, "", "train"):
@@ -81,14 +154,16 @@ def resolve_data(data: str | Path, split: str | None = None, image_dir: str | Pa
         file, folder = p, p.parent
     else:
         raise UsageError(f"data not found: {p}")
+    return file, _image_root(folder, image_dir)
 
+
+def _image_root(folder: Path, image_dir: str | Path | None) -> Path:
     if image_dir is not None:
         root = Path(image_dir)
-        if not root.is_dir():
+        if not (root.is_dir() or (root.suffix == ".zip" and root.is_file())):
             raise UsageError(f"image folder not found: {root}")
-    else:
-        root = next((folder / n for n in IMAGE_DIR_NAMES if (folder / n).is_dir()), folder)
-    return file, root
+        return root
+    return next((folder / n for n in IMAGE_DIR_NAMES if (folder / n).exists()), folder)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,111 +286,33 @@ def read_raw(path: str | Path) -> list:
 # One record
 # ---------------------------------------------------------------------------------------------------------
 
-_SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    s = repr(value)
-    return s if len(s) <= limit else s[: limit - 1] + "…"
-
-
-def record_id(raw: Any, index: int) -> str:
-    """The record's id as a string, or ``#index`` when it has none (for reports)."""
+def record_id(raw: Any, index: int, source: str = "") -> str:
+    """The record's id as a string, or ``source#index`` when it has none (for reports)."""
     if isinstance(raw, dict):
         rid = raw.get("id")
         if isinstance(rid, str) and rid:
             return rid
         if isinstance(rid, int) and not isinstance(rid, bool):
             return str(rid)
-    return f"#{index}"
+    return f"{source}#{index}"
 
 
-def _image_field(raw: dict) -> str | None:
-    image = raw.get("image")
-    if image is None:
-        return None
-    if isinstance(image, list):
-        if len(image) > 1:
-            raise BadRecord("multiple_images", f"{len(image)} images; one per record is supported")
-        if not image:
-            raise BadRecord("bad_image_field", "empty list")
-        image = image[0]
-    if not isinstance(image, str) or not image.strip() or "\0" in image:
-        raise BadRecord("bad_image_field", f"expected a path string, got {_show(image)}")
-    return image
-
-
-def _turns(raw: dict) -> list[tuple[str, str]]:
-    """[(role, text)], checked: objects with a known speaker and string text, alternating user/assistant
-    from user, ending with a non-empty assistant answer."""
-    conv = raw.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise BadRecord("no_conversations", "missing" if conv is None else f"got {_show(conv)}")
-    turns = []
-    for k, turn in enumerate(conv):
-        if not isinstance(turn, dict):
-            raise BadRecord("bad_turn", f"turn {k} is {_show(turn)}, expected an object")
-        speaker = turn.get("from")
-        if speaker is None:
-            speaker = turn.get("role")
-        role = _SPEAKERS.get(speaker) or _SPEAKERS.get(speaker.lower()) if isinstance(speaker, str) else None
-        if role is None:
-            raise BadRecord("unknown_speaker", f"turn {k}: {_show(speaker)}")
-        text = turn.get("value")
-        if text is None:
-            text = turn.get("content")
-        if not isinstance(text, str):
-            raise BadRecord("non_string_text", f"turn {k}: {'missing' if text is None else _show(text)}")
-        if role != ("user" if k % 2 == 0 else "assistant"):
-            raise BadRecord("turns_out_of_order", f"turn {k} is {role}, expected {'assistant' if k % 2 else 'user'}")
-        if role == "assistant" and not text.strip():
-            raise BadRecord("no_assistant_answer", f"turn {k} is empty")
-        turns.append((role, text))
-    if len(turns) % 2:
-        detail = "no assistant turn" if len(turns) == 1 else f"the last user turn ({len(turns) - 1}) has no answer"
-        raise BadRecord("no_assistant_answer", detail)
-    return turns
-
-
-def _strip_placeholder(turns: list[tuple[str, str]], has_image: bool) -> tuple[str, bool]:
-    """(first user text without <image>, image_first); checks the placeholder count and place."""
-    first = turns[0][1]
-    if not has_image:
-        total = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-        if total:
-            raise BadRecord("image_token_mismatch", f"{total} <image> in a record without an image")
-        return first, True
-    if first.count(IMAGE_PLACEHOLDER) != 1 or any(IMAGE_PLACEHOLDER in text for _, text in turns[1:]):
-        counts = [text.count(IMAGE_PLACEHOLDER) for _, text in turns]
-        total = sum(counts)
-        where = "" if total != 1 else f" (in turn {counts.index(1)}, expected the first user turn)"
-        raise BadRecord("image_token_mismatch", f"{total} <image> for 1 image{where}")
-    stripped = first.lstrip()
-    if stripped.startswith(IMAGE_PLACEHOLDER):
-        return stripped[len(IMAGE_PLACEHOLDER):].lstrip(), True
-    stripped = first.rstrip()
-    if stripped.endswith(IMAGE_PLACEHOLDER):
-        return stripped[: -len(IMAGE_PLACEHOLDER)].rstrip(), False
-    raise BadRecord("image_token_mismatch", "<image> in the middle of the first user turn; expected start or end")
-
-
-def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Record:
-    """One raw record -> Record, or ``BadRecord(reason, detail)`` (a reason of ``errors.RECORD_REASONS``).
+def parse_record(raw: Any, index: int, _turn_cache: dict | None = None, source: str = "",
+                 fmt: str | None = None, embedded: bool = False) -> Record:
+    """One raw record (any format of ``formats.py``) -> Record, or ``BadRecord(reason, detail)`` (a reason of
+    ``errors.RECORD_REASONS``). A record without an id is named ``source#index``; an id given but unusable (an
+    empty string, a list) is ``missing_id``.
 
     ``_turn_cache`` shares equal user Turns between records: CC3M asks the same ~11 questions 595K times.
     """
     if not isinstance(raw, dict):
-        raise BadRecord("not_an_object", f"got {_show(raw)}")
-    rid = record_id(raw, index)
-    if rid[0] == "#":
-        raise BadRecord("missing_id", "no id" if raw.get("id") is None else f"id is {_show(raw.get('id'))}")
-    image = _image_field(raw)
-    turns = _turns(raw)
-    first_text, image_first = _strip_placeholder(turns, image is not None)
+        raise BadRecord("not_an_object", f"got {show(raw)}")
+    rid = record_id(raw, index, source)
+    if raw.get("id") is not None and rid == f"{source}#{index}":
+        raise BadRecord("missing_id", f"id is {show(raw.get('id'))}")
+    images, turns = parse(raw, fmt, embedded)
     out = []
-    for k, (role, text) in enumerate(turns):
-        if k == 0:
-            text = first_text
+    for role, text in turns:
         if _turn_cache is not None and role == "user":
             turn = _turn_cache.get(text)
             if turn is None:
@@ -323,18 +320,49 @@ def parse_record(raw: Any, index: int, _turn_cache: dict | None = None) -> Recor
             out.append(turn)
         else:
             out.append(Turn(role, text))
-    return Record(rid, image, tuple(out), image_first)
+    return Record(rid, images, tuple(out))
 
 
-def load_records(path: str | Path) -> tuple[list[Record], list[Rejected]]:
-    """(good records, a ``Rejected`` for each bad one) of a JSON or JSONL file.
+@dataclass
+class Loaded:
+    """What reading a data source gave: usable records, a ``Rejected`` for each bad one, records per format."""
+
+    records: list[Record]
+    bad: list[Rejected]
+    formats: Counter
+
+
+class RecordReader:
+    """Turns raw records into Records one by one, counting formats; shared by JSON, tables and shards."""
+
+    def __init__(self, source: str, embedded: bool = False):
+        # embedded: the reader of a table or shards puts references into its rows in the records' images
+        self.source, self.cache, self.embedded = source, {}, embedded
+        self.loaded = Loaded([], [], Counter())
+
+    def add(self, raw: Any, index: int, fmt: str | None = None) -> None:
+        try:
+            fmt = fmt or (detect(raw) if isinstance(raw, dict) else None)
+            self.loaded.records.append(parse_record(raw, index, self.cache, self.source, fmt, self.embedded))
+            self.loaded.formats[fmt] += 1
+        except BadRecord as e:
+            self.loaded.bad.append(e.rejected(record_id(raw, index, self.source)))
+
+
+def load_data(path: str | Path) -> Loaded:
+    """Every record of a data source: a JSON or JSONL file, a parquet file or folder, a ``save_to_disk`` folder,
+    ``hf://datasets/...``, webdataset shards (see ``resolve_data``).
 
     A garbled JSONL line is the bad record ``line N`` (reason ``invalid_json``); a file in which no line parses
     is not JSONL at all: UsageError.
     """
-    good: list[Record] = []
-    bad: list[Rejected] = []
-    cache: dict[str, Turn] = {}
+    kind = data_kind(path)
+    if kind != "json":
+        from . import shards, tables  # pyarrow/datasets only when such data is read
+
+        return (tables.load if kind == "table" else shards.load)(path, RecordReader)
+    path = Path(path)
+    reader = RecordReader(path.name)
     first_bad_line: BadLine | None = None
     parsed = 0
     # No cycles are made here; without the collector re-scanning the growing list, 595K records load ~10% faster.
@@ -344,19 +372,22 @@ def load_records(path: str | Path) -> tuple[list[Record], list[Rejected]]:
         for index, raw in enumerate(iter_raw(path, lenient=True)):
             if isinstance(raw, BadLine):
                 first_bad_line = first_bad_line or raw
-                bad.append(Rejected(f"line {raw.line}", "invalid_json", raw.message))
+                reader.loaded.bad.append(Rejected(f"line {raw.line}", "invalid_json", raw.message))
                 continue
             parsed += 1
-            try:
-                good.append(parse_record(raw, index, cache))
-            except BadRecord as e:
-                bad.append(e.rejected(record_id(raw, index)))
+            reader.add(raw, index)
     finally:
         if was_enabled:
             gc.enable()
     if first_bad_line is not None and not parsed:
         raise UsageError(first_bad_line.message)
-    return good, bad
+    return reader.loaded
+
+
+def load_records(path: str | Path) -> tuple[list[Record], list[Rejected]]:
+    """(good records, a ``Rejected`` for each bad one) of a data source (``load_data``)."""
+    loaded = load_data(path)
+    return loaded.records, loaded.bad
 
 
 def duplicate_ids(records: list[Record]) -> dict[str, int]:

@@ -1,9 +1,11 @@
-"""Data mixtures: several LLaVA-format sources, each with its own image root and weight.
+"""Data mixtures: several sources, in any mix of formats (``records.load_data``), each with its own image root and
+weight.
 
     # recipe.yaml, for `llava-lora train --config recipe.yaml` or `llava-lora data check --config recipe.yaml`
     data:
       - {path: data/cc3m, weight: 1}                                  # folder: chat.json + images_dl/
       - {path: data/instruct.jsonl, image_dir: data/coco, weight: 2}  # each record twice per epoch
+      - {path: "data/laion/{00000..00099}.tar", weight: 0.5}          # shards: half of them, chosen by the seed
 
 A weight scales how often a source's records are drawn in an epoch: 2 puts each record in twice, 0.5 a half of
 them, chosen by the seed. Every record keeps its source, so a skipped one is reported with it. JSONL sources are

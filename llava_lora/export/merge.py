@@ -94,8 +94,8 @@ def self_check_samples(cfg: ExportConfig) -> tuple[list[Record], list[Any]]:
         for i in range(cfg.check_samples):
             scene = synth.random_scene(rng)
             kind = kinds[i % len(kinds)]
-            turns = (Turn("user", synth.QUESTIONS[kind]), Turn("assistant", scene.answer(kind)))
-            records.append(Record(f"synthetic_{i}", "synthetic.png", turns, image_first=True))
+            turns = (Turn("user", "<image>\n" + synth.QUESTIONS[kind]), Turn("assistant", scene.answer(kind)))
+            records.append(Record(f"synthetic_{i}", ("synthetic.png",), turns))
             images.append(synth.draw(scene, 64))
         return records, images
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..chat import prompts
 from ..chat.encode import preprocess_image
-from ..data.images import open_image, resolve_image
+from ..data.images import as_store, open_ref
 from ..data.records import Record
 from ..errors import BadRecord, Rejected
 from .engine import GenerationSettings, answer_each
@@ -34,10 +34,12 @@ class Prediction:
 
 
 def load_image(record: Record, image_root: Path):
-    """The record's image (RGB) or None for a text-only record; BadRecord when it cannot be read."""
-    if record.image is None:
+    """The record's images (RGB, in placeholder order) or None for a text-only record; BadRecord when one cannot
+    be read. ``image_root``: a folder, a zip, or a table's or shards' store."""
+    if not record.images:
         return None
-    return open_image(resolve_image(image_root, record.image))
+    store = as_store(image_root)
+    return [open_ref(store, ref) for ref in record.images]
 
 
 def predict(model, processor, records: Sequence[Record], image_root: Path, settings: GenerationSettings,
@@ -91,11 +93,13 @@ def _answer_batch(model, processor, kept: list[int], images: list, asked: list[t
             return [row for k, i in enumerate(kept)
                     for row in _answer_batch(model, processor, [i], [images[k]], asked, settings, systems, records,
                                              skipped)]
-        _, refusal = preprocess_image(processor.image_processor, images[0]) if images[0] is not None else (None, None)
+        refusals = [(k, preprocess_image(processor.image_processor, im)[1]) for k, im in enumerate(images[0] or [])]
+        refusal = next(((k, r) for k, r in refusals if r is not None), None)
         if refusal is None:
             raise
         rec = records[kept[0]]
-        rejected = Rejected(rec.id, "preprocess_failed", f"{rec.image}: {refusal}")
+        name = rec.images[refusal[0]].replace("\0", "")  # NUL: a reference into a table or shards
+        rejected = Rejected(rec.id, "preprocess_failed", f"{name}: {refusal[1]}")
         skipped.append({**rejected.as_dict(), "when": "generation"})
         return []
     return [(i, {s: outs[s][k] for s in systems}) for k, i in enumerate(kept)]

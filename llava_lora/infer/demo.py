@@ -15,7 +15,10 @@ Endpoints for ``gradio_client`` (the settings are ``demo_checks.PANEL``: max_new
 top_k, repetition_penalty; the page's sliders start at the command line's generation flags):
     /show_sample (index) -> image, question, reference, info
     /compare_sample (index, *settings) -> base answer, base match, fine-tuned answer, fine-tuned match, status
-    /compare_upload (image, question, *settings) -> base answer, fine-tuned answer, status
+    /compare_upload (image, question, *settings, more_images=None) -> base answer, fine-tuned answer, status
+
+Tab 2 takes further images (``more_images``, a list of files): each stands where an ``<image>`` stands in the question
+(as many as there are images), else all before it, as ``generate`` puts them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from ..errors import UsageError
 from ..model.load import load_model
 from ..model.parts import format_param_stats, param_stats
 from ..model.precision import load_dtype_field
-from .demo_checks import PANEL, SLIDERS, RequestError, Samples, check_pixels, checked_upload, page_settings
+from .demo_checks import (MAX_UPLOAD_IMAGES, PANEL, SLIDERS, RequestError, Samples, check_pixels, page_settings,
+                          upload_images)
 from .engine import GenerationSettings, SideBySideEngine
 from .metrics import exact_match_normalised
 
@@ -59,7 +63,8 @@ class DemoConfig(GenerationSettings):
     model: str = model_field()
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder) holding a trained adapter; "
                                            "without it the page shows the base model alone")
-    data: str | None = field(None, help="LLaVA-format JSON/JSONL file, or a folder holding chat.json, for tab 1")
+    data: str | None = field(None, help="data in any format `data check` reads (a JSON/JSONL file, a folder holding "
+                                       "chat.json, parquet, shards), for tab 1")
     split: str | None = split_field()
     image_dir: str | None = image_dir_field()
     host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to the network")
@@ -184,7 +189,12 @@ def _settings_panel(gr, cfg: DemoConfig) -> list:
 
 NO_DATA = ("No data set loaded. Start the demo with one to browse its samples:\n\n"
            "```\nllava-lora demo --model MODEL_DIR --adapter RUN_DIR --data DATA [--split test]\n```\n\n"
-           "DATA is a LLaVA-format JSON/JSONL file or a folder holding `chat.json`.")
+           "DATA is any data `llava-lora data check` reads: a JSON/JSONL file, a folder holding `chat.json`, parquet, shards.")
+
+
+def one_or_all(images: list | None):
+    """What the engine is given for a prompt: None, the image, or the list of images in placeholder order."""
+    return None if not images else images[0] if len(images) == 1 else images
 
 
 def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Samples):
@@ -210,7 +220,7 @@ def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Sa
         try:
             settings = page_settings(settings_ui, cfg.max_new_tokens_cap)
             record = samples.get(index)
-            image = samples.image(record)
+            image = one_or_all(samples.images(record))  # every image of the record, in placeholder order
             msgs, reference = prompts.prompt_and_reference(record)
             base = tuned = ""
             for base, tuned, status in engine.compare(engine.prompt(msgs), image, settings):
@@ -283,34 +293,51 @@ def _data_tab(gr, app, cfg: DemoConfig, engine: SideBySideEngine, samples: Sampl
                           concurrency_limit=1, concurrency_id=MODEL_GROUP)
 
 
-def _upload_tab(gr, cfg: DemoConfig, engine: SideBySideEngine, ui: list) -> None:
-    """Tab 2: an uploaded image and a typed question, answered by both models."""
-    base_label, tuned_label = _labels(engine)
+def _upload_callback(gr, cfg: DemoConfig, engine: SideBySideEngine):
+    """Tab 2's handler: the uploaded images and the typed question, answered by both models."""
 
-    def compare_upload(image_path: str | None, question: str, *settings_ui):
+    # the settings by name (demo_checks.PANEL), and the further images last with a default: a client may leave
+    # them out, and the endpoint's calls of one image hold
+    def compare_upload(image_path: str | None, question: str, max_new_tokens, greedy, temperature, top_p, top_k,
+                       repetition_penalty, more_images: list | None = None):
         try:
-            settings = page_settings(settings_ui, cfg.max_new_tokens_cap)
+            settings = page_settings((max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty),
+                                     cfg.max_new_tokens_cap)
             question = (question or "").strip()
             if not question:
                 raise RequestError("type a question first")
             if len(question) > cfg.max_question_chars:
                 raise RequestError(f"the question is {len(question):,} characters; the limit is "
                                    f"{cfg.max_question_chars:,}")
-            image = checked_upload(image_path, cfg.max_upload_bytes, cfg.max_upload_pixels)
-            check_pixels(engine.processor, image)
-            msgs = prompts.user_messages(question, image is not None)
-            yield from engine.compare(engine.prompt(msgs), image, settings)
+            images = upload_images([image_path, *(more_images or [])], question, cfg.max_upload_bytes,
+                                   cfg.max_upload_pixels)
+            for image in images:
+                check_pixels(engine.processor, image)
+            msgs = prompts.user_messages(question, len(images))
+            yield from engine.compare(engine.prompt(msgs), one_or_all(images), settings)
         except RequestError as e:
             raise gr.Error(str(e)) from None
         except Exception as e:
             log.exception("compare_upload failed")
             raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
 
+    return compare_upload
+
+
+def _upload_tab(gr, cfg: DemoConfig, engine: SideBySideEngine, ui: list) -> None:
+    """Tab 2: uploaded images and a typed question, answered by both models."""
+    base_label, tuned_label = _labels(engine)
+    assert len(ui) == len(PANEL), "compare_upload names each setting of PANEL"
+    compare_upload = _upload_callback(gr, cfg, engine)
+
     with gr.Tab("Your own image", id="upload", elem_id="tab-upload"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=240):
                 upload = gr.Image(label="Image", type="filepath", image_mode=None,
                                   sources=["upload", "clipboard"], height=300, elem_id="upload-image")
+                more = gr.File(label=f"More images (up to {MAX_UPLOAD_IMAGES - 1}; each where an <image> stands "
+                                     "in the question, else all first)", file_count="multiple", file_types=["image"],
+                               elem_id="upload-more")
             with gr.Column(scale=3):
                 question = gr.Textbox(label="Question", placeholder="What is in the image?", lines=2,
                                       max_length=cfg.max_question_chars, elem_id="upload-question")
@@ -324,7 +351,7 @@ def _upload_tab(gr, cfg: DemoConfig, engine: SideBySideEngine, ui: list) -> None
             u_tuned = gr.Textbox(label=tuned_label, interactive=False, lines=3, visible=engine.has_adapter,
                                  elem_id="upload-tuned", elem_classes="answer")
         u_status = gr.Markdown(elem_id="upload-status", elem_classes="status")
-        ask = dict(fn=compare_upload, inputs=[upload, question, *ui], outputs=[u_base, u_tuned, u_status],
+        ask = dict(fn=compare_upload, inputs=[upload, question, *ui, more], outputs=[u_base, u_tuned, u_status],
                    concurrency_limit=1, concurrency_id=MODEL_GROUP)
         ask_btn.click(**ask, api_name=API_COMPARE_UPLOAD)
         question.submit(**ask, api_visibility="private")

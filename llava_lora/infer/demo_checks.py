@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..chat.encode import preprocess_image
-from ..data.images import open_image, resolve_image
+from ..data.images import as_store, open_image, open_ref
 from ..data.records import BadRecord, Record
 from .engine import GenerationSettings
 
@@ -65,6 +65,23 @@ def checked_upload(path: str | None, max_bytes: int, max_pixels: int) -> Image.I
         raise RequestError(f"cannot use this image ({e.reason}): {e.detail}") from None
 
 
+MAX_UPLOAD_IMAGES = 8  # images of one question in tab 2 (each is the tower's feature count of tokens)
+
+
+def upload_images(paths: list, question: str, max_bytes: int, max_pixels: int) -> list[Image.Image]:
+    """The uploaded images (the first box's, then the others', empty ones left out), each through the limits; a
+    question whose ``<image>`` placeholders do not match them in number is refused."""
+    paths = [p if isinstance(p, (str, os.PathLike)) or p is None else getattr(p, "path", p) for p in paths]
+    paths = [p for p in paths if p]
+    if len(paths) > MAX_UPLOAD_IMAGES:
+        raise RequestError(f"{len(paths)} images; the limit is {MAX_UPLOAD_IMAGES}")
+    placeholders = question.count("<image>")
+    if placeholders and placeholders != len(paths):
+        raise RequestError(f"the question has {placeholders} <image> for {len(paths)} images: one per image, or "
+                           "none (all images first)")
+    return [checked_upload(p, max_bytes, max_pixels) for p in paths]
+
+
 def check_pixels(processor, image: Image.Image | None) -> None:
     """Refuse, as a request error, an image that decoded but that the model's image processor cannot take."""
     if image is None:
@@ -93,13 +110,20 @@ class Samples:
             raise RequestError(f"sample index {index} is out of range 0..{len(self.records) - 1}")
         return self.records[int(index)]
 
-    def image(self, record: Record) -> Image.Image | None:
-        if record.image is None:
+    def images(self, record: Record) -> list[Image.Image] | None:
+        """The record's images, in placeholder order (None: text-only), or a RequestError naming the one that fails."""
+        if not record.images:
             return None
         try:
-            return open_image(resolve_image(self.image_root, record.image))
+            store = as_store(self.image_root)
+            return [open_ref(store, ref) for ref in record.images]
         except BadRecord as e:
             raise RequestError(f"sample {record.id}: {e.reason}: {e.detail}") from None
+
+    def image(self, record: Record) -> Image.Image | None:
+        """The record's first image, as tab 1 shows it (None: text-only)."""
+        images = self.images(record)
+        return images[0] if images else None
 
 
 def page_settings(values: tuple, cap: int) -> GenerationSettings:

@@ -80,7 +80,9 @@ def prepare_inputs(model, processor, prompts: list[str], images: list[Image.Imag
     """Left-padded model inputs for templated prompts and their images (None: text-only), on the model's
     device, pixels in the model's dtype: the one way eval, generate and the demo feed the model."""
     processor.tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
-    with_images = [im for im in images if im is not None]
+    # an entry is an image, a list of images (one per <image> of its prompt, in order), or None
+    with_images = [im for entry in images if entry is not None
+                   for im in (entry if isinstance(entry, (list, tuple)) else [entry])]
     inputs = processor(text=prompts, images=with_images or None, padding=True, return_tensors="pt")
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,7 +41,8 @@ LABELS = {"base": "base", "finetuned": "fine-tuned"}
 @dataclass(kw_only=True)
 class EvalConfig(GenerationSettings):
     model: str = model_field()
-    data: str = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json / SPLIT.json")
+    data: str = field(help="data in any format `data check` reads (docs/data.md), or a folder holding chat.json / "
+                         "SPLIT.json")
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder); without it the base is evaluated alone")
     split: str | None = split_field()
     image_dir: str | None = image_dir_field()
@@ -175,7 +177,8 @@ def report_markdown(summary: dict[str, Any], predictions: list[Prediction], exam
 
 def show_one(record: Record, prediction: Prediction | None, skipped: list[dict[str, str]]) -> str:
     """One sample in full: history, question, reference and each answer."""
-    lines = [f"id: {record.id}", f"image: {record.image or '(none: text-only)'}"]
+    shown = ", ".join(ref.replace("\0", "in the data: ") for ref in record.images)  # NUL: a table's or shard's
+    lines = [f"id: {record.id}", f"image{'s' * (len(record.images) > 1)}: {shown or '(none: text-only)'}"]
     for turn in record.turns[:-2]:
         lines.append(f"{turn.role}: {turn.text}")
     lines += [f"question: {prompts.question(record)}", f"reference: {record.turns[-1].text}"]
@@ -197,7 +200,8 @@ def default_out(cfg: EvalConfig) -> Path | None:
         return Path(cfg.out)
     if cfg.index is not None:
         return None
-    name = "eval-" + (cfg.split or Path(cfg.data).stem)
+    # a shard pattern's braces or a hub spec's colon make no folder name
+    name = "eval-" + re.sub(r"[^\w.-]+", "_", cfg.split or Path(cfg.data).stem).strip("_")
     return (Path(cfg.adapter) if cfg.adapter else Path.cwd()) / name
 
 

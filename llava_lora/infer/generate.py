@@ -1,6 +1,9 @@
-"""Answer one prompt about one image.
+"""Answer one prompt about one image, several, or none.
 
     llava-lora generate --model MODEL_DIR [--adapter RUN_DIR] --image IMG --prompt "What is in the image?"
+    llava-lora generate --model MODEL_DIR --image A.jpg --image B.jpg --prompt "<image> <image> Which is brighter?"
+
+The images stand where ``<image>`` stands in the prompt (as many placeholders as images), else all before the text.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ if TYPE_CHECKING:
 class GenerateConfig(GenerationSettings):
     model: str = model_field()
     prompt: str = field(help="the question")
-    image: str | None = field(None, help="image file (omit for a text-only prompt)")
+    image: list[str] | None = field(None, help="image file, repeated for several (each where an <image> stands in the "
+                                               "prompt, else all before it); omit for a text-only prompt")
     adapter: str | None = field(None, help="RUN_DIR (or a checkpoint folder) holding a trained adapter")
     device: str | None = device_field()
     dtype: str = load_dtype_field()
@@ -36,15 +40,20 @@ class GenerateConfig(GenerationSettings):
 def main(cfg: GenerateConfig) -> int:
     import torch
 
-    image = None if cfg.image is None else user_image(cfg.image)  # before the model loads: fail in a second
+    paths = [cfg.image] if isinstance(cfg.image, str) else list(cfg.image or [])
+    placeholders = cfg.prompt.count(prompts.IMAGE_PLACEHOLDER)
+    if placeholders and placeholders != len(paths):
+        raise UsageError(f"--prompt has {placeholders} <image> placeholder{'s' * (placeholders != 1)} for "
+                         f"{len(paths)} --image: give one --image per <image>, or no <image> (all images first)")
+    images = [user_image(p) for p in paths]  # before the model loads: fail in a second
     model, processor = load_model(cfg.model, cfg.adapter, cfg.dtype, cfg.device)
-    if image is not None:
+    for path, image in zip(paths, images):
         _, refusal = preprocess_image(processor.image_processor, image)  # said about the file, before generating
         if refusal is not None:
-            raise UsageError(f"--image {cfg.image}: preprocess_failed: {refusal}")
-    msgs = prompts.user_messages(cfg.prompt, image is not None)
+            raise UsageError(f"--image {path}: preprocess_failed: {refusal}")
+    msgs = prompts.user_messages(cfg.prompt, len(images))
     torch.manual_seed(cfg.seed)
-    (text,) = answer(model, processor, [prompts.generation_prompt(processor.tokenizer, msgs)], [image],
+    (text,) = answer(model, processor, [prompts.generation_prompt(processor.tokenizer, msgs)], [images or None],
                      settings_from(cfg))
     print(text)
     return 0

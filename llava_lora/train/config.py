@@ -20,7 +20,8 @@ from ..model.precision import WEIGHT_ONLY, PrecisionName
 @dataclass
 class TrainConfig:
     model: str = model_field()
-    data: str | list = field(help="LLaVA-format JSON/JSONL file, or a folder holding chat.json; in YAML also a list "
+    data: str | list = field(help="data in any format `data check` reads (JSON/JSONL, parquet, save_to_disk, shards, "
+                                  "hf://datasets/...; docs/data.md), or a folder holding chat.json; in YAML also a list "
                                   "of sources {path, image_dir, weight, split} (a mixture, see data/sources.py)")
     out: str = field(help="RUN_DIR: adapter, checkpoints, logs")
     image_dir: str | None = image_dir_field()
@@ -66,7 +67,7 @@ class TrainConfig:
     num_threads: int | None = field(None, help="CPU threads for the model's kernels (default: torch's, one per "
                                                "core); 1 can be faster for tiny models beside a data worker")
     tensorboard: bool = field(True, help="write TensorBoard event files to RUN_DIR/tensorboard")
-    eval_data: str | None = field(None, help="held-out records: a LLaVA file or folder, or a share of DATA held out by "
+    eval_data: str | None = field(None, help="held-out records: data in any format, or a share of DATA held out by "
                                              "--seed (e.g. 0.05); their loss is logged every --eval-every steps")
     eval_split: str | None = field(None, help="with a folder --eval-data: its split file (e.g. val for val.json)")
     eval_image_dir: str | None = field(None, help="image root of a path --eval-data (default: found as for DATA)")

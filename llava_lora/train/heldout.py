@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..chat.batches import TrainDataset
-from ..data.records import Record, load_records, resolve_data
+from ..data.records import Record, data_kind, load_records, resolve_data
 from ..errors import Rejected, UsageError
 from ..model.loss import loss_sums
 
@@ -51,7 +51,7 @@ def heldout_records(spec: str, split: str | None, image_dir: str | None, train_r
     if fraction is not None:
         train, held = split_off(train_records, fraction, seed)
         return train, held, train_root, []
-    if not Path(spec).exists():
+    if not Path(spec).exists() and data_kind(spec) == "json":  # shard patterns and hf:// are no path
         raise UsageError(f"--eval-data {spec}: no such file or folder (or give a share, e.g. 0.05)")
     data_file, root = resolve_data(spec, split, image_dir)
     held, bad = load_records(data_file)

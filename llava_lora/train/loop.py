@@ -32,7 +32,7 @@ from .. import config as cfglib
 from ..chat.batches import Collator, TrainDataset
 from ..chat.encode import IGNORE_INDEX, image_tokens_per_image
 from ..data.images import locate_records
-from ..data.records import duplicate_ids, load_records, resolve_data
+from ..data.records import duplicate_ids, load_records, resolve_data, text_pieces
 from ..data.sources import is_mixture, load_mixture, parse_sources
 from ..errors import RunFailed, UsageError
 from ..kernels import weight_only
@@ -75,7 +75,8 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 def _estimated_lengths(records, image_tokens: int) -> list[int]:
     """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
-    return [(image_tokens if r.image else 0) + sum(len(t.text) for t in r.turns) * 2 // 7 for r in records]
+    return [image_tokens * len(r.images) + sum(len(p) for t in r.turns for p in text_pieces(t.text)) * 2 // 7
+            for r in records]
 
 
 def wrap_for_training(model, cfg: TrainConfig):

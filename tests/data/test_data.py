@@ -20,7 +20,8 @@ from fixtures.data import BAD_DATASET_GOOD_IDS, write_bad_dataset, write_good_da
 import llava_lora
 from llava_lora import cli
 from llava_lora.data import check, synth
-from llava_lora.data.records import BadRecord, Record, Turn, check_image, load_records, open_image, parse_record, read_raw, resolve_data, resolve_image
+from llava_lora.chat import prompts
+from llava_lora.data.records import BadRecord, Record, Turn, plain_text, check_image, load_records, open_image, parse_record, read_raw, resolve_data, resolve_image
 from llava_lora.errors import REASONS, Rejected, UsageError
 from llava_lora.train.watch import _REMEDIES
 
@@ -36,11 +37,24 @@ def qa(q: str = "<image>\nWhat?", a: str = "red") -> list[dict]:
 
 @pytest.mark.parametrize("raw, reason", [
     (["a list"], "not_an_object"),
-    ({"image": "a.png", "conversations": qa()}, "missing_id"),
     ({"id": "", "image": "a.png", "conversations": qa()}, "missing_id"),
+    ({"id": ["x"], "image": "a.png", "conversations": qa()}, "missing_id"),
     ({"id": "x", "image": 3, "conversations": qa()}, "bad_image_field"),
     ({"id": "x", "image": "  ", "conversations": qa()}, "bad_image_field"),
-    ({"id": "x", "image": ["a.png", "b.png"], "conversations": qa()}, "multiple_images"),
+    ({"id": "x", "image": ["a.png", "b.png"], "conversations": qa()}, "image_count_mismatch"),
+    ({"id": "x", "images": ["a.png", "b.png"], "conversations": qa("<image>\n<image>\n<image> Three?")},
+     "image_count_mismatch"),
+    ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "hi"}],
+      "images": ["a.png"]}, "image_count_mismatch"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q"}]},
+                   {"role": "assistant", "content": "a"}], "images": ["a.png"]}, "image_count_mismatch"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]},
+                   {"role": "assistant", "content": "a"}], "images": ["b.png"]}, "image_count_mismatch"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "value": "https://x/a.jpg"}]},
+                   {"role": "assistant", "content": "a"}]}, "bad_image_field"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "a"}]},
+     "bad_turn"),
+    ({"title": "no turns"}, "no_conversations"),
     ({"id": "x", "image": "a.png"}, "no_conversations"),
     ({"id": "x", "image": "a.png", "conversations": {"from": "human"}}, "no_conversations"),
     ({"id": "x", "image": "a.png", "conversations": [1, 2]}, "bad_turn"),
@@ -56,12 +70,11 @@ def qa(q: str = "<image>\nWhat?", a: str = "red") -> list[dict]:
     ({"id": "x", "conversations": qa("Hi?", "hi")[:1]}, "no_assistant_answer"),
     ({"id": "x", "conversations": qa("Hi?", "hi") + qa("More?")[:1]}, "no_assistant_answer"),
     ({"id": "x", "conversations": qa("Hi?", "\n ")}, "no_assistant_answer"),
-    ({"id": "x", "image": "a.png", "conversations": qa("What?")}, "image_token_mismatch"),
-    ({"id": "x", "image": "a.png", "conversations": qa("<image><image>\nWhat?")}, "image_token_mismatch"),
-    ({"id": "x", "image": "a.png", "conversations": qa("What <image> is it?")}, "image_token_mismatch"),
+    ({"id": "x", "image": "a.png", "conversations": qa("What?")}, "image_count_mismatch"),
+    ({"id": "x", "image": "a.png", "conversations": qa("<image><image>\nWhat?")}, "image_count_mismatch"),
     ({"id": "x", "image": "a.png", "conversations": qa("What?", "<image>")}, "image_token_mismatch"),
-    ({"id": "x", "image": "a.png", "conversations": qa() + qa("<image>\nAgain?")}, "image_token_mismatch"),
-    ({"id": "x", "conversations": qa("<image>\nWhat?")}, "image_token_mismatch"),
+    ({"id": "x", "image": "a.png", "conversations": qa() + qa("<image>\nAgain?")}, "image_count_mismatch"),
+    ({"id": "x", "conversations": qa("<image>\nWhat?")}, "image_count_mismatch"),
 ])
 def test_parse_record_reasons(raw, reason):
     with pytest.raises(BadRecord) as err:
@@ -105,13 +118,17 @@ def test_an_undeclared_reason_is_refused():
     assert BadRecord("missing_image", "a.png").rejected("a", 3) == Rejected("a", "missing_image", "a.png", 3)
 
 
-def test_placeholder_at_start_and_end_is_stripped_with_its_whitespace():
+def test_placeholder_at_start_and_end_becomes_an_image_part_its_whitespace_dropped():
     start = parse_record({"id": "a", "image": "a.png", "conversations": qa("  <image>\n\nWhat colour?", "red")}, 0)
     end = parse_record({"id": "b", "image": "b.png", "conversations": qa("What colour?\n<image>\n", "red")}, 1)
     only = parse_record({"id": "c", "image": "c.png", "conversations": qa("<image>", "red")}, 2)
-    assert (start.turns[0].text, start.image_first) == ("What colour?", True)
-    assert (end.turns[0].text, end.image_first) == ("What colour?", False)
-    assert (only.turns[0].text, only.image_first) == ("", True)
+    middle = parse_record({"id": "d", "image": "d.png", "conversations": qa("What is <image> this?", "red")}, 3)
+    image, text = {"type": "image"}, lambda t: {"type": "text", "text": t}
+    assert (prompts.messages(start)[0]["content"], start.image_first) == ([image, text("What colour?")], True)
+    assert (prompts.messages(end)[0]["content"], end.image_first) == ([text("What colour?"), image], False)
+    assert (prompts.messages(only)[0]["content"], only.image_first) == ([image], True)
+    assert prompts.messages(middle)[0]["content"] == [text("What is"), image, text("this?")]
+    assert plain_text(start.turns[0].text) == "What colour?" == prompts.question(end)
     assert start.turns[1] == Turn("assistant", "red")
 
 
@@ -119,7 +136,7 @@ def test_role_user_assistant_content_and_int_id_and_single_image_list():
     raw = {"id": 12, "image": ["a.png"], "conversations": [
         {"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "red"}]}
     rec = parse_record(raw, 0)
-    assert rec == Record("12", "a.png", (Turn("user", "What?"), Turn("assistant", "red")), True)
+    assert rec == Record("12", ("a.png",), (Turn("user", "<image>\nWhat?"), Turn("assistant", "red")))
     assert parse_record({"id": "u", "conversations": [{"from": "Human", "value": "a"},
                                                       {"from": "GPT", "value": "b"}]}, 0).turns[1].role == "assistant"
 
@@ -127,7 +144,7 @@ def test_role_user_assistant_content_and_int_id_and_single_image_list():
 def test_multi_turn_and_text_only():
     rec = parse_record({"id": "m", "image": "a.png", "conversations": qa("<image>\nColour?", "red")
                         + qa("Shape?", "circle")}, 0)
-    assert [(t.role, t.text) for t in rec.turns] == [
+    assert [(t.role, plain_text(t.text)) for t in rec.turns] == [
         ("user", "Colour?"), ("assistant", "red"), ("user", "Shape?"), ("assistant", "circle")]
     text = parse_record({"id": "t", "conversations": qa("Two plus two?", "four")}, 0)
     assert text.image is None and text.turns[0].text == "Two plus two?"
@@ -138,9 +155,8 @@ def test_load_records_reports_bad_ones_by_id_or_index(tmp_path):
     path.write_text(json.dumps([{"id": "ok", "conversations": qa("Hi?", "hi")}, 5,
                                 {"conversations": qa("Hi?", "hi")}, {"id": "bad", "conversations": []}]))
     good, bad = load_records(path)
-    assert [r.id for r in good] == ["ok"]
-    assert [(r.id, r.reason) for r in bad] == [
-        ("#1", "not_an_object"), ("#2", "missing_id"), ("bad", "no_conversations")]
+    assert [r.id for r in good] == ["ok", "d.json#2"]  # ids are optional: named by source and position
+    assert [(r.id, r.reason) for r in bad] == [("d.json#1", "not_an_object"), ("bad", "no_conversations")]
 
 
 # ---------------------------------------------------------------------------------------------- reading JSON
@@ -344,7 +360,8 @@ def test_print_report_caps_the_list(tmp_path):
     check.print_report(report, Path("chat.json"), Path("images_dl"), out=out, limit=3)
     text = out.getvalue()
     assert f"and {len(report.bad) - 3} more (see --json)" in text
-    assert "  image_token_mismatch" in text and "12 usable" in text
+    assert "  image_count_mismatch" in text and f"{len(BAD_DATASET_GOOD_IDS)} usable" in text
+    assert "format llava (" in text  # the format read, and its mapping
 
 
 def test_cli_check_exit_codes_and_json(tmp_path, capsys):
@@ -356,7 +373,8 @@ def test_cli_check_exit_codes_and_json(tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert {b["id"]: b["reason"] for b in report["bad"]} == expected
     assert report["usable"] == len(BAD_DATASET_GOOD_IDS) and report["total"] == report["usable"] + len(expected)
-    assert report["counts"]["image_token_mismatch"] == 5 and report["image_root"] == str(bad / "images_dl")
+    assert report["counts"]["image_count_mismatch"] == 4 and report["counts"]["image_token_mismatch"] == 1
+    assert set(report["formats"]) == {"llava"} and report["image_root"] == str(bad / "images_dl")
     assert "truncated_png  truncated_image" in capsys.readouterr().out
     assert cli.main(["data", "check", str(tmp_path / "nowhere")]) == 2
     assert cli.main(["data", "check", str(good), "--max-length", "10"]) == 2  # needs --model to count tokens
@@ -416,7 +434,7 @@ def test_synth_records_are_learnable_questions(tmp_path):
     answers = {k: set() for k in synth.QUESTIONS.values()}
     for rec in train:
         for q, a in zip(rec.turns[::2], rec.turns[1::2]):
-            answers[q.text].add(a.text)
+            answers[plain_text(q.text)].add(a.text)
     assert answers[synth.QUESTIONS["colour"]] <= set(synth.COLOURS)
     assert answers[synth.QUESTIONS["shape"]] <= set(synth.SHAPES)
     assert answers[synth.QUESTIONS["position"]] <= set(synth.POSITIONS)

@@ -91,7 +91,7 @@ def test_default_export_keeps_the_base_dtype(world, tmp_path, capsys):
 
 
 def test_self_check_tolerates_rounding_only_in_half_precision(capsys):
-    records = [Record(f"r{i}", None, (Turn("user", "q"), Turn("assistant", "a"))) for i in range(2)]
+    records = [Record(f"r{i}", (), (Turn("user", "q"), Turn("assistant", "a"))) for i in range(2)]
     result = export.self_check(["red", "top left"], ["red", "top right"], records, "bfloat16")
     assert (result["samples"], result["equal"]) == (2, 1)
     printed = capsys.readouterr().out
@@ -176,7 +176,7 @@ def test_export_loads_one_copy_in_the_base_dtype_and_merges_it_exactly(world, tm
 
 
 def test_self_check_refuses_logits_that_moved_more_than_rounding(capsys):
-    records = [Record("r0", None, (Turn("user", "q"), Turn("assistant", "a")))]
+    records = [Record("r0", (), (Turn("user", "q"), Turn("assistant", "a")))]
     logits = torch.tensor([[10.0, -3.0, 2.0]])
     near = export.Probe(logits + torch.tensor([[0.05, 0.0, 0.0]]), ["red"])  # 0.5% of the scale: bf16 rounding
     result = export.self_check(export.Probe(logits, ["red"]), near, records, "bfloat16")

@@ -133,6 +133,22 @@ def test_compare_upload(demo, tmp_path):
     assert status.startswith("Done")
 
 
+def test_compare_upload_with_several_images(demo, tmp_path):
+    """The first box and the further images, each where an <image> stands (else all first), as generate does."""
+    client, engine = demo
+    red = image_file(tmp_path)
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (40, 40), (30, 40, 220)).save(blue)
+    for question in ("<image> and <image>: which is brighter?", "Which is brighter?"):
+        base, tuned, status = client.predict(handle_file(str(red)), question, *GREEDY, [handle_file(str(blue))],
+                                             api_name=f"/{API_COMPARE_UPLOAD}")
+        msgs = prompts.user_messages(question, 2)
+        assert (base, tuned) == expected(engine, msgs, [open_image(red), open_image(blue)]) and status.startswith("Done")
+    with pytest.raises(Exception, match="1 <image> for 2 images"):
+        client.predict(handle_file(str(red)), "<image> which?", *GREEDY, [handle_file(str(blue))],
+                       api_name=f"/{API_COMPARE_UPLOAD}")
+
+
 def test_compare_upload_without_image_is_text_only(demo):
     client, engine = demo
     base, tuned, _ = client.predict(None, "Say the word red.", *GREEDY, api_name=f"/{API_COMPARE_UPLOAD}")

@@ -37,12 +37,12 @@ def _tokenizer(model_dir: Path):
 
 
 RECORDS = [
-    Record("one", "a.png", (Turn("user", "What colour is the star?"), Turn("assistant", "yellow"))),
-    Record("two", "b.png", tuple(Turn(r, t) for r, t in [("user", templates.PROBE_TEXTS[0]),
+    Record("one", ("a.png",), (Turn("user", "<image>\nWhat colour is the star?"), Turn("assistant", "yellow"))),
+    Record("two", ("b.png",), tuple(Turn(r, t) for r, t in [("user", "<image>\n" + templates.PROBE_TEXTS[0]),
                                                          ("assistant", templates.PROBE_TEXTS[1]),
                                                          ("user", templates.PROBE_TEXTS[2]),
                                                          ("assistant", templates.PROBE_TEXTS[3])])),
-    Record("text", None, (Turn("user", "Say the word blue."), Turn("assistant", "blue"))),
+    Record("text", (), (Turn("user", "Say the word blue."), Turn("assistant", "blue"))),
 ]
 
 

@@ -41,7 +41,7 @@ def _train(world: Models, data: Path, out: Path, *extra: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 def _records(n: int) -> list[Record]:
-    return [Record(id=f"r{i}", image=None, image_first=True, turns=(Turn("user", "q"), Turn("assistant", "a")))
+    return [Record(id=f"r{i}", images=(), turns=(Turn("user", "q"), Turn("assistant", "a")))
             for i in range(n)]
 
 

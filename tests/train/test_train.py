@@ -77,9 +77,9 @@ def _expected(tok, record: Record, image_token_id: int) -> tuple[list[int], list
 @pytest.mark.parametrize("turns", [1, 2])
 def test_label_mask_chatml(world: Models, turns: int):
     tok, image_id = _tokenizer(world.qwen_model)
-    qa = [Turn("user", "What colour is the square?"), Turn("assistant", "red"),
+    qa = [Turn("user", "<image>\nWhat colour is the square?"), Turn("assistant", "red"),
           Turn("user", "And its shape?"), Turn("assistant", "a small square")]
-    record = Record("r", "x.png", tuple(qa[:2 * turns]), image_first=True)
+    record = Record("r", ("x.png",), tuple(qa[:2 * turns]))
     enc = encode.encode(tok, record, image_id, IMAGE_TOKENS, max_length=None)
     ids, labels = _expected(tok, record, image_id)
     assert enc.input_ids.tolist() == ids
@@ -98,7 +98,7 @@ def test_label_mask_chatml(world: Models, turns: int):
 
 def test_too_long_never_cuts_image_tokens(world: Models):
     tok, image_id = _tokenizer(world.qwen_model)
-    record = Record("r", "x.png", (Turn("user", "What colour is the square?"), Turn("assistant", "red")), True)
+    record = Record("r", ("x.png",), (Turn("user", "<image>\nWhat colour is the square?"), Turn("assistant", "red")))
     full = encode.encode(tok, record, image_id, IMAGE_TOKENS, max_length=None)
     image_end = int(np.flatnonzero(full.input_ids == image_id)[-1]) + 1
     with pytest.raises(BadRecord) as e:
