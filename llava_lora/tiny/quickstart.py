@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import config as cfglib
 from ..config import field
-from ..outdirs import OVERWRITE_HELP, check_out
+from ..outdirs import OVERWRITE_HELP, check_out, mark
 
 # The training recipe: a tiny random LM needs a higher learning rate and LoRA on every linear layer to learn
 # the synthetic task in a couple of minutes (see the file's header).
@@ -66,8 +66,10 @@ def main(cfg: QuickstartConfig) -> int:
     from . import checkpoints as tiny
 
     out = Path(cfg.out)
-    check_out(out, cfg.overwrite)
+    check_out(out, cfg.overwrite)  # only a folder llava-lora wrote (a quickstart's) is replaced
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    mark(out)
     t0 = time.perf_counter()
 
     _step("1/5 tiny source checkpoints (random weights, tokenizer trained here)")

@@ -112,3 +112,21 @@ class HeldOut:
                        "finetuned": p.answers["finetuned"]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         return out
+
+
+def evaluate_heldout(heldout: HeldOut, loss_module, accelerator, log, step: int, bar) -> float:
+    """Held-out loss (logged as eval_loss) and, on the main process, the samples' answers; dropout off meanwhile."""
+    unwrapped = accelerator.unwrap_model(loss_module)  # no DDP forward: no gradient follows
+    unwrapped.eval()
+    try:
+        loss, tokens, skipped = heldout.loss(unwrapped, accelerator)
+        log.skipped(skipped, step)
+        if accelerator.is_main_process:
+            with accelerator.autocast():  # as in training: half-precision frozen weights beside fp32 trained ones
+                heldout.answers(unwrapped.peft_model, step)
+            log.metrics({"step": step, "eval_loss": loss, "eval_tokens": tokens})
+            bar.write(f"step {step}: held-out loss {loss:.4f} over {tokens} tokens")
+    finally:
+        unwrapped.train()
+    accelerator.wait_for_everyone()
+    return loss

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fixtures.trained import World, eval_world
 from llava_lora.infer import answers
-from llava_lora import cli
+from llava_lora import cli, outdirs
 from llava_lora.export import merge as export
 from llava_lora.data.records import Record, Turn, load_records, resolve_data
 from llava_lora.infer.engine import GenerationSettings
@@ -108,6 +108,9 @@ def test_existing_output_folder_is_refused_unless_overwrite(world, tmp_path, cap
     args = ["--model", world.model, "--adapter", world.run, "--out", out, "--check-samples", 1, "--check-tokens", 2]
     assert run_cli(*args) == 2
     assert "exists and is not empty (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert run_cli(*args, "--overwrite") == 2  # not a folder llava-lora wrote: kept
+    assert "was not written by llava-lora" in capsys.readouterr().err and (out / "old.txt").is_file()
+    outdirs.mark(out)  # as an earlier export would have
     assert run_cli(*args, "--overwrite") == 0
     assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
 

@@ -61,6 +61,7 @@ def _fake_checkpoint(run: Path, step: int, loss: float | None, complete: bool = 
     (path / RUN_FILE).write_text(json.dumps({"step": step} if loss is None else {"step": step, "heldout_loss": loss}))
     if complete:
         (path / checkpoints.STATE_FILE).write_bytes(b"")
+        checkpoints.write_manifest(path)
     return path
 
 
@@ -126,7 +127,8 @@ def test_save_best_and_limit_survive_resume(world: Models, data: Path, tmp_path:
         assert meta["best_heldout_loss"] == pytest.approx(losses[best])
 
     check(4)
-    assert _train(world, data, run, "--max-steps", "6", "--resume", *flags) == 0, capsys.readouterr().err
+    assert _train(world, data, run, "--max-steps", "6", "--resume", "--resume-changed", *flags) == 0, \
+        capsys.readouterr().err
     check(6)
 
 
