@@ -17,7 +17,7 @@ RECORD_REASONS = (  # the record's JSON (data/records.py)
 IMAGE_REASONS = (  # its image (data/images.py); preprocess_failed: the image processor refused decoded pixels
     "image_path_escapes_root", "missing_image", "not_a_file", "empty_image", "unreadable_image", "not_an_image",
     "truncated_image", "undecodable_image", "image_too_large", "extreme_aspect_ratio", "unsupported_image_mode",
-    "preprocess_failed",
+    "preprocess_failed", "unsupported_image_format",
 )
 TOKEN_REASONS = (  # its tokens under a model's chat template (prompts.py; encode_failed: data check --model)
     "empty_supervision", "too_long", "encode_failed",

@@ -12,6 +12,7 @@ callers whose image processor refuses pixels that decoded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
@@ -27,6 +28,9 @@ MAX_IMAGE_PIXELS = 50_000_000
 # 1x4000 image becomes 336x1,344,000 pixels (1.35 GB, 24 s on one core) to keep a 336x336 crop of its middle.
 MAX_ASPECT_RATIO = 20
 ORIENTATION = 0x0112  # the EXIF tag
+# The formats an image may have: only their Pillow plugins ever parse a file (an EPS renamed .jpg would otherwise
+# reach Ghostscript, a PSD or an ICNS parsers few files of a data set need).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,6 +161,22 @@ def _open_file(path: Path):
         raise BadRecord("unreadable_image", f"{path.name}: {e.strerror or e}") from None
 
 
+def _sniffed_format(path: Path) -> str | None:
+    """The format another Pillow plugin would take ``path`` for, by its first bytes alone (each plugin's prefix
+    test: no decoder runs), to name it in the refusal."""
+    from PIL import Image
+
+    Image.init()
+    with open(path, "rb") as f:
+        prefix = f.read(16)
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in IMAGE_FORMATS and accept is not None:
+            with contextlib.suppress(Exception):
+                if accept(prefix):
+                    return name
+    return None
+
+
 def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int, int]]:
     """(upright RGB image, its upright full (width, height)); ``reduced``: JPEGs decode at 1/8 scale."""
     from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -169,7 +189,7 @@ def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int,
         # (catch_warnings is process-wide: image checks run in processes, not threads, for this reason too)
         with f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(f)  # reads the header only; PIL refuses a decompression bomb here
+            img = Image.open(f, formats=IMAGE_FORMATS)  # the header only; PIL refuses a decompression bomb here
             _check_header(path.name, img.size, max_pixels)
             orientation = img.getexif().get(ORIENTATION, 1)
             # the full-scale size, upright (EXIF orientations 5-8 turn the picture by 90 degrees)
@@ -186,6 +206,10 @@ def _decode(path: Path, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadRecord("image_too_large", f"{path.name}: {str(e).rstrip('.')}; refused before decoding") from None
     except UnidentifiedImageError:
+        found = _sniffed_format(path)
+        if found:
+            raise BadRecord("unsupported_image_format", f"{path.name}: not one of {', '.join(IMAGE_FORMATS)} (its "
+                            f"first bytes look like {found}); refused before any decoder ran") from None
         raise BadRecord("not_an_image", f"{path.name}: not a format PIL can read") from None
     except BadRecord:
         raise
