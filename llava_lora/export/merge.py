@@ -291,6 +291,8 @@ def main(cfg: ExportConfig) -> int:
     out = Path(cfg.out)
     check_out(out, cfg.overwrite, inputs={"--model": cfg.model, "--adapter": cfg.adapter, "--data": cfg.data,
                                           "--image-dir": cfg.image_dir})
+    if cfg.format == "gguf":  # before the merge, not after it and the safetensors write
+        gguf.check_writable(Path(cfg.model), cfg.gguf_type)
     src = adapter_dir(cfg.adapter)
     dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else DTYPES.get(cfg.dtype, torch.bfloat16)
     merged, check = merge_checked(cfg, src, dtype, cfg.device or default_device())

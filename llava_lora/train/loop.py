@@ -173,8 +173,7 @@ class TrainingRun:
                 cfg.eval_data, cfg.eval_split, cfg.eval_image_dir, self.records, self.image_root, cfg.seed)
             if heldout_share(cfg.eval_data) is None:  # a file of its own: its records were read too
                 self.n_records += len(self.held) + len(held_errors)
-            self.held, unlocated = locate_records(self.held, self.held_root)
-            self.parse_errors = self.parse_errors + held_errors + unlocated
+            self.parse_errors = self.parse_errors + held_errors
         if len(self.records) < cfg.batch_size * self.world:
             raise UsageError(f"{self.data_file}: {len(self.records)} usable records, fewer than one batch of "
                              f"{cfg.batch_size * self.world}")

@@ -78,6 +78,21 @@ def test_prune_keeps_newest_best_and_incomplete(tmp_path: Path):
     assert [s for s, _ in checkpoints.checkpoints(tmp_path)] == [5]  # the newest: what a resume needs
 
 
+def test_a_heldout_set_with_no_usable_record_is_an_error_at_start(world: Models, data: Path, tmp_path: Path,
+                                                                   capsys):
+    held = tmp_path / "held"
+    held.mkdir()
+    qa = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    # every image missing: each evaluation would be a NaN loss over nothing
+    (held / "chat.json").write_text(json.dumps([{"id": f"h{k}", "image": f"gone{k}.png", "conversations": qa}
+                                                for k in range(3)]))
+    run = tmp_path / "run"
+    assert _train(world, data, run, "--max-steps", "2", "--eval-data", str(held / "chat.json")) == 2
+    err = capsys.readouterr().err
+    assert f"--eval-data {held / 'chat.json'}: no usable held-out record" in err and "missing_image" in err
+    assert not run.exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # runs
 # ----------------------------------------------------------------------------------------------------------
