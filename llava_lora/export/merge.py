@@ -40,7 +40,7 @@ from ..errors import RunFailed, UsageError
 from ..infer.engine import GenerationSettings, answer_with_logits
 from ..kernels import weight_only
 from ..model import layout
-from ..model.adapters import adapter_dir, fingerprint, wrapped_modules
+from ..model.adapters import adapter_dir, fingerprint, weights_fingerprint, wrapped_modules
 from ..model.load import load_model
 from ..model.parts import llava_of
 from ..model.precision import (DTYPES, HALF, WEIGHT_ONLY, DtypeName, checkpoint_dtype, default_device, dtype_name,
@@ -297,7 +297,8 @@ def main(cfg: ExportConfig) -> int:
     dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else DTYPES.get(cfg.dtype, torch.bfloat16)
     merged, check = merge_checked(cfg, src, dtype, cfg.device or default_device())
     meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
-                            "base_fingerprint": fingerprint(cfg.model), "adapter": str(src.resolve()),
+                            "base_fingerprint": fingerprint(cfg.model), "base_weights": weights_fingerprint(cfg.model),
+                            "adapter": str(src.resolve()),
                             "dtype": dtype_name(dtype)}
     meta["self_check"] = check
     write_folder(cfg, merged, meta, out)

@@ -210,7 +210,7 @@ class TrainingRun:
         self.run_meta = {"lora_r": cfg.lora_r,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         if cfg.init_from:
-            loaded = init_from(self.peft_model, cfg.init_from)
+            loaded = init_from(self.peft_model, cfg.init_from, cfg.model)
             if self.is_main:
                 print(f"starting from {cfg.init_from}: {loaded['projector']} projector and {loaded['lora']} LoRA "
                       "tensors")
