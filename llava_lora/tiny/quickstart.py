@@ -58,6 +58,14 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+def _fresh(out: Path, overwrite: bool) -> None:
+    """OUT empty and marked: with --overwrite, only a folder llava-lora wrote (a quickstart's) is emptied."""
+    check_out(out, overwrite)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    mark(out)
+
+
 def main(cfg: QuickstartConfig) -> int:
     from ..data import synth
     from ..infer import evaluate
@@ -66,10 +74,7 @@ def main(cfg: QuickstartConfig) -> int:
     from . import checkpoints as tiny
 
     out = Path(cfg.out)
-    check_out(out, cfg.overwrite)  # only a folder llava-lora wrote (a quickstart's) is replaced
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    mark(out)
+    _fresh(out, cfg.overwrite)
     t0 = time.perf_counter()
 
     _step("1/5 tiny source checkpoints (random weights, tokenizer trained here)")
