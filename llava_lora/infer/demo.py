@@ -37,7 +37,7 @@ from ..errors import UsageError
 from ..model.load import load_model
 from ..model.parts import format_param_stats, param_stats
 from ..model.precision import load_dtype_field
-from .demo_checks import (PANEL, SLIDERS, RequestError, Samples, check_pixels, check_user_text, checked_upload,
+from .demo_checks import (PANEL, SLIDERS, RequestError, Samples, check_pixels, checked_question, checked_upload,
                           control_tokens, page_settings, visitor_text)
 from .engine import GenerationSettings, SideBySideEngine
 from .metrics import exact_match_normalised
@@ -318,13 +318,7 @@ def _upload_tab(gr, cfg: DemoConfig, engine: SideBySideEngine, ui: list) -> None
     def compare_upload(image_path: str | None, question: str, *settings_ui):
         try:
             settings = page_settings(settings_ui, cfg.max_new_tokens_cap)
-            question = (question or "").strip()
-            if not question:
-                raise RequestError("type a question first")
-            if len(question) > cfg.max_question_chars:
-                raise RequestError(f"the question is {len(question):,} characters; the limit is "
-                                   f"{cfg.max_question_chars:,}")
-            check_user_text(question, controls)
+            question = checked_question(question, cfg.max_question_chars, controls)
             image = checked_upload(image_path, cfg.max_upload_bytes, cfg.max_upload_pixels)
             check_pixels(engine.processor, image)
             msgs = prompts.user_messages(question, image is not None)

@@ -117,14 +117,19 @@ def control_tokens(tokenizer) -> list[str]:
     return sorted((t for t in found if t.strip()), key=len, reverse=True)
 
 
-def check_user_text(text: str, tokens: list[str]) -> str:
-    """Refuse typed text holding a control token: typed, ``<|im_end|>`` would end the turn, ``<image>`` ask for
-    an image that is not there. The user's text is text."""
+def checked_question(question: str | None, max_chars: int, tokens: list[str]) -> str:
+    """The typed question, stripped; refused empty, over ``max_chars``, or holding a control token (``tokens``):
+    typed, ``<|im_end|>`` would end the turn, ``<image>`` ask for an image that is not there. Text is text."""
+    question = (question or "").strip()
+    if not question:
+        raise RequestError("type a question first")
+    if len(question) > max_chars:
+        raise RequestError(f"the question is {len(question):,} characters; the limit is {max_chars:,}")
     for token in tokens:
-        if token in text:
+        if token in question:
             raise RequestError(f"the question holds {token}, one of the model's control tokens; write it "
                                "another way")
-    return text
+    return question
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s:,;()'\"]+")

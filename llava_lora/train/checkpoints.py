@@ -166,10 +166,11 @@ def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str,
-                    meta: dict) -> Path:
+                    meta: dict, failed: set[int] | None = None) -> Path:
     """checkpoint-N/: adapter + optimizer, scheduler and RNG state, then its manifest (written last: complete),
     fsynced and renamed into place; its run.json holds ``meta`` (the step, the held-out loss there if one was
-    measured, how the run started). A write that fails (a full disk) leaves no temporary folder and stops the run
+    measured, how the run started); ``failed``: the records a worker could not load, never drawn again after a
+    resume. A write that fails (a full disk) leaves no temporary folder and stops the run
     with one message naming the folder and the space a checkpoint takes."""
     final = run_dir / f"checkpoint-{step}"
     try:
@@ -177,7 +178,8 @@ def save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, 
             save_adapter(peft_model, tmp, model_dir, meta)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                        "failed": sorted(failed or ())},
                        tmp / STATE_FILE)
             write_manifest(tmp)
     except Exception as e:  # a full disk: OSError, torch's RuntimeError, safetensors' SafetensorError
@@ -223,7 +225,9 @@ def prune_checkpoints(run_dir: Path, limit: int, keep_best: bool) -> list[Path]:
     return gone
 
 
-def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
+def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler, failed: set[int] | None = None) -> int:
+    """The state of ``ckpt`` loaded into the run's objects (``failed`` gets the records it holds as failed);
+    returns its step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -238,4 +242,6 @@ def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
     random.setstate(state["python_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if failed is not None:
+        failed.update(int(i) for i in state.get("failed", []))
     return int(state["step"])

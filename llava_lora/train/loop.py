@@ -51,8 +51,9 @@ from .heldout import share as heldout_share
 from .runlog import RunLog, Throughput, plot_loss, write_data_report
 from .runtime import (check_compile, check_quantize, fused_summary, resolve_attn_implementation, resolve_fused_kernels,
                       resolve_fused_loss)
-from .sampler import DropFailed, ResumableBatchSampler
+from .sampler import DropFailed, ResumableBatchSampler, estimated_lengths
 from .watch import NOTHING_LEARNED_AFTER, FiniteWatch, SupervisionWatch
+from .workers import WatchedDataset, died_on, is_worker_death, stop_for_dead_worker
 
 
 def _model_inputs(mb: dict, device) -> dict:
@@ -71,11 +72,6 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
     return max(1, math.ceil(cfg.num_epochs * steps_per_epoch / cfg.gradient_accumulation_steps))
-
-
-def _estimated_lengths(records, image_tokens: int) -> list[int]:
-    """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
-    return [(image_tokens if r.image else 0) + sum(len(t.text) for t in r.turns) * 2 // 7 for r in records]
 
 
 def wrap_for_training(model, cfg: TrainConfig):
@@ -241,13 +237,14 @@ class TrainingRun:
                                         image_tokens, cfg.max_length)
             self.heldout = HeldOut(self.held, self.held_root, held_dataset, self.processor, cfg.batch_size,
                                    cfg.eval_samples, cfg.eval_max_new_tokens, self.run_dir)
-        lengths = _estimated_lengths(self.records, image_tokens) if cfg.group_by_length else None
+        lengths = estimated_lengths(self.records, image_tokens) if cfg.group_by_length else None
         self.sampler = ResumableBatchSampler(len(self.records), cfg.batch_size, cfg.seed, rank=self.rank,
                                              world=self.world, lengths=lengths)
         self.max_steps = total_steps(cfg, len(self.sampler))
-        self.failed: set[int] = set()  # records a worker could not load: reported once, not drawn again
+        self.failed = died_on(self.run_dir) if cfg.resume else set()  # records a worker could not load, never drawn
+        self.watched = WatchedDataset(dataset, cfg.num_workers)  # which record each worker holds, should it die
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=DropFailed(self.sampler, self.failed),
+            self.watched, batch_sampler=DropFailed(self.sampler, self.failed),
             collate_fn=Collator(self.processor.tokenizer.pad_token_id),
             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=self.device == "cuda",
@@ -263,7 +260,7 @@ class TrainingRun:
         self.scheduler = make_scheduler(optimizer, cfg, self.max_steps)
         self.start_step = 0
         if self.resume_from:
-            self.start_step = load_checkpoint(self.resume_from, self.peft_model, optimizer, self.scheduler)
+            self.start_step = load_checkpoint(self.resume_from, self.peft_model, optimizer, self.scheduler, self.failed)
             check_not_finished(self.resume_from, self.start_step, self.max_steps)
             if self.resume_changes:  # applied for real: the rates and decay, the schedule recomputed from here
                 self.scheduler = reschedule(optimizer, make_optimizer(self.peft_model, cfg),
@@ -350,7 +347,7 @@ class TrainingRun:
         cfg, max_steps = self.cfg, self.max_steps
         self.log = RunLog(self.run_dir, self.rank, self.is_main, cfg.tensorboard)
         self.watch = SupervisionWatch(min(len(self.records), NOTHING_LEARNED_AFTER))
-        self.last_saved = self.start_step
+        self.last_saved = self.drawn = self.start_step
         eval_every = cfg.eval_every or cfg.save_every
         batches = iter(self.loader)
         bar = tqdm(total=max_steps, initial=self.start_step, disable=not self.is_main, desc="train",
@@ -360,6 +357,7 @@ class TrainingRun:
         try:
             for step in range(self.start_step + 1, max_steps + 1):
                 micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+                self.drawn = step  # a worker dying before this leaves the weights those after step - 1
                 meter.loss += self.train_step(micro, self._supervised(micro, step), meter, step)
                 meter.steps += 1
                 bar.update(1)
@@ -378,6 +376,8 @@ class TrainingRun:
                                                     step, bar)
                 if save_now:
                     self.save_checkpoint(step, heldout_loss)
+        except RuntimeError as e:  # torch raises a dead data worker wherever the main process is
+            raise (stop_for_dead_worker(self, e) if is_worker_death(e) else e) from None
         except RunFailed:
             if self.is_main:
                 write_data_report(self.run_dir, self.n_records, self.parse_errors)
@@ -400,7 +400,8 @@ class TrainingRun:
             meta = {**self.run_meta, "step": step}
             if heldout_loss is not None:
                 meta["heldout_loss"] = heldout_loss
-            save_checkpoint(self.run_dir, step, self._peft(), self.optimizer, self.scheduler, self.cfg.model, meta)
+            save_checkpoint(self.run_dir, step, self._peft(), self.optimizer, self.scheduler, self.cfg.model, meta,
+                            self.failed)
             if self.cfg.save_total_limit:
                 prune_checkpoints(self.run_dir, self.cfg.save_total_limit, self.cfg.save_best)
             plot_loss(self.run_dir)
