@@ -26,7 +26,6 @@ VISION_PREFIX = "vision_tower."  # a --lora-target entry that asks for LoRA in t
 PROJECTOR = "multi_modal_projector"
 RUN_FILE = "run.json"
 PRESETS = ("attention", "all-linear")
-SAMPLED_TENSORS = 16  # tensors of MODEL_DIR whose first row the weights fingerprint hashes
 
 
 def lora_target_regex(names: list[str], vision_names: list[str] = ()) -> str:
@@ -162,26 +161,19 @@ def fingerprint(model_dir: str | Path) -> str:
 
 
 def weights_fingerprint(model_dir: str | Path) -> str | None:
-    """A hash of a sample of MODEL_DIR's weights: the first row of ``SAMPLED_TENSORS`` tensors spread over its
-    sorted keys, as stored (two bases of one architecture differ here, where their configs are equal)."""
+    """A hash of a sample of MODEL_DIR's weights: the first row of every tensor, as stored, whatever its key (two
+    bases of one architecture differ here where their configs are equal; MODEL_DIR's older key layout does not)."""
     import torch
     from safetensors import safe_open
 
-    keys = []
+    rows = []
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), "pt") as s:
-            keys += [(k, f) for k in s.keys()]
-    if not keys:
-        return None
-    keys.sort()
-    h = hashlib.sha256()
-    for key, f in keys[::max(1, len(keys) // SAMPLED_TENSORS)][:SAMPLED_TENSORS]:
-        with safe_open(str(f), "pt") as s:
-            part = s.get_slice(key)
-            row = part[0:1] if len(part.get_shape()) else part[:]
-        h.update(key.encode())
-        h.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+            for key in s.keys():
+                part = s.get_slice(key)
+                row = part[0:1] if len(part.get_shape()) else part[:]
+                rows.append(hashlib.sha256(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).digest())
+    return hashlib.sha256(b"".join(sorted(rows))).hexdigest()[:16] if rows else None
 
 
 def check_base(src: Path, model_dir: str | Path, flag: str = "--adapter") -> None:

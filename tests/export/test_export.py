@@ -123,7 +123,8 @@ def test_adapter_for_another_base_is_refused(world, tmp_path, capsys):
 
 
 def test_missing_adapter_is_refused(world, tmp_path, capsys):
-    assert run_cli("--model", world.model, "--adapter", tmp_path, "--out", tmp_path / "merged") == 2
+    (tmp_path / "run").mkdir()
+    assert run_cli("--model", world.model, "--adapter", tmp_path / "run", "--out", tmp_path / "merged") == 2
     assert "no adapter found" in capsys.readouterr().err
 
 
