@@ -216,3 +216,24 @@ def test_merge_check_alone_by_default_and_in_weight_only_precision(world, tmp_pa
     meta = json.loads((out / "export.json").read_text())
     assert meta["self_check"]["merge"]["lora_layers"] == 14 and meta["self_check"]["merge"]["max_ulp"] <= 1
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_a_non_finite_adapter_is_refused_and_a_nan_drift_fails_the_check(world, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "diverged"
+    shutil.copytree(world.run, run)
+    weights = load_file(str(run / "adapter_model.safetensors"))
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = torch.full_like(weights[key], float("nan"))  # what a run that diverged would have written
+    save_file(weights, str(run / "adapter_model.safetensors"), metadata={"format": "pt"})
+    assert run_cli("--model", world.model, "--adapter", run, "--out", tmp_path / "merged") == 1
+    assert "trained tensors hold NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+    # the end-to-end check compares NaN-safely: a NaN drift is no pass
+    record = Record("a", None, (Turn("user", "q"), Turn("assistant", "a")))
+    nan, one = export.Probe(torch.tensor([[float("nan")]]), ["a"]), export.Probe(torch.tensor([[1.0]]), ["a"])
+    with pytest.raises(RuntimeError, match="MERGED_DIR was not written"):
+        export.self_check(one, nan, [record], "float32")
