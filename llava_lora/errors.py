@@ -19,12 +19,15 @@ RECORD_REASONS = (  # the record's JSON (data/records.py, formats.py); missing_i
 IMAGE_REASONS = (  # its image (data/images.py); preprocess_failed: the image processor refused decoded pixels
     "image_path_escapes_root", "missing_image", "not_a_file", "empty_image", "unreadable_image", "not_an_image",
     "truncated_image", "undecodable_image", "image_too_large", "extreme_aspect_ratio", "unsupported_image_mode",
-    "preprocess_failed",
+    "preprocess_failed", "unsupported_image_format",
+)
+WORKER_REASONS = (  # the data worker loading it died (train/workers.py): a decoder's crash, the OOM killer
+    "worker_died",
 )
 TOKEN_REASONS = (  # its tokens under a model's chat template (prompts.py; encode_failed: data check --model)
     "empty_supervision", "too_long", "encode_failed",
 )
-REASONS = RECORD_REASONS + IMAGE_REASONS + TOKEN_REASONS
+REASONS = RECORD_REASONS + IMAGE_REASONS + WORKER_REASONS + TOKEN_REASONS
 
 
 def _declared(reason: str) -> str:

@@ -17,15 +17,17 @@ from llava_lora import cli
 
 pytestmark = pytest.mark.slow  # a training run, an eval and an export: `make test` runs them
 
-MODEL_FILES = ["build_report.json", "chat_template.jinja", "config.json", "generation_config.json",
+# every folder llava-lora writes carries its marker (what --overwrite may replace); a checkpoint, its manifest
+MODEL_FILES = [".llava-lora", "build_report.json", "chat_template.jinja", "config.json", "generation_config.json",
                "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json"]
-RUN_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "checkpoint-3",
+RUN_FILES = [".llava-lora", "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "checkpoint-3",
              "config.yaml", "data_report.json", "loss_curve.png", "metrics.jsonl", "run.json"]
-CHECKPOINT_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "run.json", "training_state.pt"]
-EVAL_FILES = ["eval.yaml", "predictions.jsonl", "report.md", "summary.json"]
-EXPORT_FILES = ["chat_template.jinja", "config.json", "export.json", "export.yaml", "generation_config.json",
+CHECKPOINT_FILES = [".llava-lora", "README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json",
+                    "run.json", "training_state.pt"]
+EVAL_FILES = [".llava-lora", "eval.yaml", "predictions.jsonl", "report.md", "summary.json"]
+EXPORT_FILES = [".llava-lora", "chat_template.jinja", "config.json", "export.json", "export.yaml", "generation_config.json",
                 "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json"]
-SYNTH_FILES = ["chat.json", "images_dl", "synth.yaml", "test.json"]
+SYNTH_FILES = [".llava-lora", "chat.json", "images_dl", "synth.yaml", "test.json"]
 # fp32, seed 42, no dropout, batch 4 over the 24-record good_data set: the first three steps' mean losses
 PINNED_LOSSES = [15.73534107208252, 13.294145584106445, 14.057967185974121]
 

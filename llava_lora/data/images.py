@@ -18,6 +18,7 @@ callers whose image processor refuses pixels that decoded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
@@ -34,6 +35,9 @@ MAX_IMAGE_PIXELS = 50_000_000
 # 1x4000 image becomes 336x1,344,000 pixels (1.35 GB, 24 s on one core) to keep a 336x336 crop of its middle.
 MAX_ASPECT_RATIO = 20
 ORIENTATION = 0x0112  # the EXIF tag
+# The formats an image may have: only their Pillow plugins ever parse a file (an EPS renamed .jpg would otherwise
+# reach Ghostscript, a PSD or an ICNS parsers few files of a data set need).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,6 +288,32 @@ def _open_file(path: Path):
         raise BadRecord("unreadable_image", f"{path.name}: {e.strerror or e}") from None
 
 
+def _sniffed_format(f: Any) -> str | None:
+    """The format another Pillow plugin would take the open file ``f`` for, by its first bytes alone (each plugin's
+    prefix test: no decoder runs), to name it in the refusal."""
+    from PIL import Image
+
+    Image.init()
+    with contextlib.suppress(Exception):
+        f.seek(0)
+    prefix = f.read(16)
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in IMAGE_FORMATS and accept is not None:
+            with contextlib.suppress(Exception):
+                if accept(prefix):
+                    return name
+    return None
+
+
+def _unidentified(name: str, f: Any) -> BadRecord:
+    """Why PIL did not open ``f`` with the allowed plugins: another format's (never decoded), or none."""
+    found = _sniffed_format(f)
+    if found:
+        return BadRecord("unsupported_image_format", f"{name}: not one of {', '.join(IMAGE_FORMATS)} (its first "
+                         f"bytes look like {found}); refused before any decoder ran")
+    return BadRecord("not_an_image", f"{name}: not a format PIL can read")
+
+
 def _decode(name: str, f: Any, max_pixels: int, reduced: bool) -> tuple[Any, tuple[int, int]]:
     """(upright RGB image, its upright full (width, height)) of the open binary file ``f`` (closed here);
     ``reduced``: JPEGs decode at 1/8 scale."""
@@ -296,7 +326,10 @@ def _decode(name: str, f: Any, max_pixels: int, reduced: bool) -> tuple[Any, tup
         # (catch_warnings is process-wide: image checks run in processes, not threads, for this reason too)
         with f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(f)  # reads the header only; PIL refuses a decompression bomb here
+            try:
+                img = Image.open(f, formats=IMAGE_FORMATS)  # the header only; PIL refuses a decompression bomb here
+            except UnidentifiedImageError:
+                raise _unidentified(name, f) from None  # while f is open: its first bytes name what it is
             _check_header(name, img.size, max_pixels)
             orientation = img.getexif().get(ORIENTATION, 1)
             # the full-scale size, upright (EXIF orientations 5-8 turn the picture by 90 degrees)
@@ -312,8 +345,6 @@ def _decode(name: str, f: Any, max_pixels: int, reduced: bool) -> tuple[Any, tup
             raise BadRecord("unsupported_image_mode", f"{name}: {img.mode}: {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadRecord("image_too_large", f"{name}: {str(e).rstrip('.')}; refused before decoding") from None
-    except UnidentifiedImageError:
-        raise BadRecord("not_an_image", f"{name}: not a format PIL can read") from None
     except BadRecord:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:

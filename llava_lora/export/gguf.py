@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import RunFailed, UsageError
 
 LM_TYPES = ("f16", "bf16", "q8_0")
 MMPROJ_FILE = "mmproj-f16.gguf"
@@ -180,8 +180,8 @@ def _add_lm_hyperparameters(w, tc, rope: dict, lm_type: str) -> None:
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[lm_type])
 
 
-def _add_tokenizer(w, folder: Path, n_vocab: int) -> None:
-    """The vocabulary, merges, special tokens and chat template."""
+def _add_tokenizer(w, folder: Path, n_vocab: int) -> list[str]:
+    """The vocabulary, merges, special tokens and chat template; returns the tokens."""
     import gguf
 
     tokens, types = _vocab(folder, n_vocab)
@@ -193,6 +193,7 @@ def _add_tokenizer(w, folder: Path, n_vocab: int) -> None:
     if isinstance(special.chat_template, str):  # {% generation %} marks training targets; llama.cpp's Jinja lacks it
         special.chat_template = GENERATION_TAG.sub("", special.chat_template)
     special.add_to_gguf(w)
+    return tokens
 
 
 def _lm_tensors(folder: Path, tc, permute: bool) -> Iterator[tuple[str, np.ndarray]]:
@@ -222,11 +223,14 @@ def write_lm(folder: Path, path: Path, lm_type: str) -> None:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(folder.name)
     _add_lm_hyperparameters(w, tc, rope, lm_type)
-    _add_tokenizer(w, folder, tc.vocab_size)
+    tokens = _add_tokenizer(w, folder, tc.vocab_size)
+    shapes = {}
     for name, data in _lm_tensors(folder, tc, permute):
+        shapes[name] = data.shape
         data, qtype = _encode(data, lm_type)
         w.add_tensor(name, data, raw_dtype=qtype)
     _finish(w)
+    read_back(path, shapes, tokens)
 
 
 def feature_layer(n_layers: int, hf_layer: int) -> int:
@@ -307,11 +311,14 @@ def write_mmproj(folder: Path, path: Path) -> None:
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_name(f"{folder.name} mmproj")
     _add_mmproj_hyperparameters(w, cfg, keep, image_processor)
+    shapes = {}
     for name, data in _mmproj_tensors(folder, keep):
+        shapes[name] = data.shape
         # llama.cpp's conv and get_rows read f16 weights; 1-D tensors (norms, biases, CLS) stay f32
         data, qtype = _encode(data, "f16")
         w.add_tensor(name, data, raw_dtype=qtype)
     _finish(w)
+    read_back(path, shapes)
 
 
 def _finish(w) -> None:
@@ -319,6 +326,37 @@ def _finish(w) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def read_back(path: Path, shapes: dict[str, tuple], tokens: list[str] | None = None) -> None:
+    """``path`` read back with the gguf library: every tensor there (no other) in its source's shape, and the
+    tokenizer's tokens; RunFailed otherwise (MERGED_DIR is then not written)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        got = {t.name: tuple(reversed(t.shape.tolist())) for t in reader.tensors}  # ggml order -> numpy's
+        stored = reader.fields["tokenizer.ggml.tokens"].contents() if tokens is not None else None
+    except Exception as e:  # a file the library cannot parse
+        raise RunFailed(f"{path.name} does not read back: {type(e).__name__}: {e}; MERGED_DIR was not written") from None
+    want = {name: tuple(shape) for name, shape in shapes.items()}
+    if got != want:
+        wrong = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
+        raise RunFailed(f"{path.name} reads back {len(got)} tensors for {len(want)} written; {wrong[0]}: "
+                        f"{got.get(wrong[0])} for {want.get(wrong[0])}; MERGED_DIR was not written")
+    if tokens is not None and stored != tokens:
+        raise RunFailed(f"{path.name} reads back {len(stored or [])} tokenizer tokens for the {len(tokens)} "
+                        "written, or others; MERGED_DIR was not written")
+
+
+def check_writable(folder: Path, lm_type: str) -> None:
+    """Refuse, from MODEL_DIR's config and tokenizer alone, what ``write`` would: before minutes of merging."""
+    if lm_type not in LM_TYPES:
+        raise UsageError(f"--gguf-type {lm_type}: not one of {', '.join(LM_TYPES)}")
+    _text_config(folder)
+    pre_tokenizer(folder)
+    cfg = _mmproj_config(folder)
+    feature_layer(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
 
 
 def modelfile(folder: Path, lm_type: str) -> str:
@@ -337,9 +375,8 @@ def modelfile(folder: Path, lm_type: str) -> str:
 
 
 def write(folder: Path, out: Path, lm_type: str) -> list[Path]:
-    """The GGUF files and Modelfile of the LLaVA ``folder``, written into ``out``."""
-    if lm_type not in LM_TYPES:
-        raise UsageError(f"--gguf-type {lm_type}: not one of {', '.join(LM_TYPES)}")
+    """The GGUF files and Modelfile of the LLaVA ``folder``, written into ``out``, each read back and checked."""
+    check_writable(folder, lm_type)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / lm_file(lm_type), out / MMPROJ_FILE, out / MODELFILE]
     write_lm(folder, paths[0], lm_type)

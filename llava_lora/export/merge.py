@@ -40,7 +40,7 @@ from ..errors import RunFailed, UsageError
 from ..infer.engine import GenerationSettings, answer_with_logits
 from ..kernels import weight_only
 from ..model import layout
-from ..model.adapters import adapter_dir, fingerprint, wrapped_modules
+from ..model.adapters import adapter_dir, fingerprint, weights_fingerprint, wrapped_modules
 from ..model.load import load_model
 from ..model.parts import llava_of
 from ..model.precision import (DTYPES, HALF, WEIGHT_ONLY, DtypeName, checkpoint_dtype, default_device, dtype_name,
@@ -154,7 +154,7 @@ def self_check(expected: Probe | list[str], got: Probe | list[str], records: lis
         if p["base+adapter"] != p["merged"]:
             print(f"  {p['id']}: base+adapter {p['base+adapter']!r} vs merged {p['merged']!r}")
     tolerance = LOGIT_TOLERANCE["half" if half else "float32"]
-    if drift is not None and drift > tolerance:
+    if drift is not None and not drift <= tolerance:  # a NaN drift too
         raise RuntimeError(f"the merged model's logits moved by {100 * drift:.3g}% (more than {100 * tolerance:g}%) "
                            f"from base + adapter in {dtype}; MERGED_DIR was not written")
     if equal < len(pairs):
@@ -221,6 +221,15 @@ def check_merge(merged, planned: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
     return {"lora_layers": layers, "rows_each": rows, "max_ulp": worst}
 
 
+def check_finite_adapter(model, src: Path) -> None:
+    """Refuse an adapter holding NaN or inf (a run that diverged): the merge would spread it into MERGED_DIR."""
+    bad = [n.removeprefix("base_model.model.") for n, p in model.named_parameters()
+           if ("lora_" in n or ".modules_to_save." in n) and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise RunFailed(f"--adapter {src}: {len(bad)} trained tensors hold NaN or inf (e.g. {bad[0]}): the run "
+                        "diverged; MERGED_DIR was not written. Export an earlier checkpoint-N/")
+
+
 def merge_in_place(model, dtype):
     """The plain LlavaForConditionalGeneration of a peft ``model`` with its adapter folded into the same tensors, in
     ``dtype``: LoRA layers get W + scale·B·A (summed in float32, rounded once to W's dtype), the trained projector
@@ -250,6 +259,7 @@ def merge_checked(cfg: ExportConfig, src: Path, dtype, device: str) -> tuple[Any
     model, processor = load_model(cfg.model, cfg.adapter, dtype=cfg.dtype, device=device)
     fp32_compute = weight_only.applied(model) or llava_of(model).get_input_embeddings().weight.dtype == torch.float32
     expected = probe(model, processor, records, images, cfg.check_tokens) if records else None
+    check_finite_adapter(model, src)
     planned = planned_merge(model)
     layers = len(wrapped_modules(model))
     merged = merge_in_place(model, dtype)
@@ -279,12 +289,16 @@ def write_folder(cfg: ExportConfig, merged, meta: dict[str, Any], out: Path) -> 
 def main(cfg: ExportConfig) -> int:
     start = time.perf_counter()
     out = Path(cfg.out)
-    check_out(out, cfg.overwrite)
+    check_out(out, cfg.overwrite, inputs={"--model": cfg.model, "--adapter": cfg.adapter, "--data": cfg.data,
+                                          "--image-dir": cfg.image_dir})
+    if cfg.format == "gguf":  # before the merge, not after it and the safetensors write
+        gguf.check_writable(Path(cfg.model), cfg.gguf_type)
     src = adapter_dir(cfg.adapter)
     dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else DTYPES.get(cfg.dtype, torch.bfloat16)
     merged, check = merge_checked(cfg, src, dtype, cfg.device or default_device())
     meta: dict[str, Any] = {"llava_lora_version": __version__, "base_model": str(Path(cfg.model).resolve()),
-                            "base_fingerprint": fingerprint(cfg.model), "adapter": str(src.resolve()),
+                            "base_fingerprint": fingerprint(cfg.model), "base_weights": weights_fingerprint(cfg.model),
+                            "adapter": str(src.resolve()),
                             "dtype": dtype_name(dtype)}
     meta["self_check"] = check
     write_folder(cfg, merged, meta, out)

@@ -7,9 +7,12 @@ an uploaded image and a typed question. One model is in memory: the fine-tuned a
 on, the base answer from the same model under peft's ``disable_adapter()``, in the checkpoint's own dtype; the
 frozen vision tower runs once per image for both. Answers stream token by token.
 
-Safe by default: it binds 127.0.0.1 and makes no share link unless ``--share``; uploads are refused over a
-byte size or a pixel count, both checked before the image is decoded; max new tokens is capped; generation
-runs one request at a time on the model while the queue holds the others.
+Safe by default: it binds 127.0.0.1 and makes no share link unless ``--share``, which needs ``--auth`` (or,
+loudly, ``--share-without-auth``); the queue is the only way to the model (no direct REST route), it runs one
+generation at a time and turns away what does not fit ``--queue-size``; uploads are refused over a byte size or a
+pixel count, both checked before the image is decoded, and deleted from Gradio's cache; max new tokens is capped;
+a typed control token (``<|im_end|>``, ``<image>``) is refused; a visitor sees a short message, the log the
+detail.
 
 Endpoints for ``gradio_client`` (the settings are ``demo_checks.PANEL``: max_new_tokens, greedy, temperature, top_p,
 top_k, repetition_penalty; the page's sliders start at the command line's generation flags):
@@ -25,19 +28,20 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..chat import prompts
 from ..config import device_field, field, image_dir_field, model_field, split_field
-from ..data.records import load_records, resolve_data
+from ..data.records import IMAGE_PLACEHOLDER, load_records, resolve_data
 from ..errors import UsageError
 from ..model.load import load_model
 from ..model.parts import format_param_stats, param_stats
 from ..model.precision import load_dtype_field
-from .demo_checks import (MAX_UPLOAD_IMAGES, PANEL, SLIDERS, RequestError, Samples, check_pixels, page_settings,
-                          upload_images)
+from .demo_checks import (MAX_UPLOAD_IMAGES, PANEL, SLIDERS, RequestError, Samples, check_pixels, checked_question,
+                          control_tokens, page_settings, upload_images, visitor_text)
 from .engine import GenerationSettings, SideBySideEngine
 from .metrics import exact_match_normalised
 
@@ -54,6 +58,9 @@ API_COMPARE_UPLOAD = "compare_upload"
 MODEL_GROUP = "model"
 # Where the temperature slider starts when the page opens greedy (--temperature 0): a usual sampling value.
 SAMPLING_TEMPERATURE = 0.7
+# Gradio's delete_cache: every 5 minutes, uploads (and other cached files) older than 10 minutes are deleted.
+DELETE_CACHE = (300, 600)
+FAILED = "generation failed; the server's log has the details"  # what a visitor sees of an unexpected error
 
 
 @dataclass(kw_only=True)
@@ -69,7 +76,9 @@ class DemoConfig(GenerationSettings):
     image_dir: str | None = image_dir_field()
     host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to the network")
     port: int = field(7860, help="port to listen on")
-    share: bool = field(False, help="ask Gradio for a public share link (off: the page stays local)")
+    share: bool = field(False, help="ask Gradio for a public share link (off: the page stays local); needs --auth")
+    auth: str | None = field(None, help="USER:PASSWORD the page asks for (or a file holding that line)")
+    share_without_auth: bool = field(False, help="--share with no --auth: anyone with the link uses the model")
     device: str | None = device_field()
     dtype: str = load_dtype_field()
     max_new_tokens_cap: int = field(256, help="the most new tokens a request may ask for")
@@ -95,6 +104,21 @@ class DemoConfig(GenerationSettings):
                                  + (" (or 0: greedy)" if name == "temperature" else ""))
         if self.num_beams != 1:
             raise UsageError("--num-beams: the page streams its answers, which beam search cannot; use 1")
+        if self.share and not self.auth and not self.share_without_auth:
+            raise UsageError("--share makes a public link: give --auth USER:PASSWORD (or --share-without-auth to "
+                             "open the model to anyone who has the link)")
+        if self.auth is not None:
+            self.credentials()
+
+    def credentials(self) -> tuple[str, str] | None:
+        """(user, password) of --auth: given as USER:PASSWORD, or the first line of a file holding it."""
+        if self.auth is None:
+            return None
+        text = Path(self.auth).read_text().splitlines()[0] if Path(self.auth).is_file() else self.auth
+        user, sep, password = text.strip().partition(":")
+        if not (sep and user and password):
+            raise UsageError("--auth: expected USER:PASSWORD (or a file holding that line)")
+        return user, password
 
     @property
     def max_upload_bytes(self) -> int:
@@ -207,9 +231,10 @@ def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Sa
             try:
                 image = samples.image(record)
             except RequestError as e:
-                image, info = None, f"{info} · ⚠️ {e}"
+                image, info = None, f"{info} · ⚠️ {visitor_text(str(e))}"
         except RequestError as e:
-            raise gr.Error(str(e)) from None
+            log.info("show_sample refused: %s", e)
+            raise gr.Error(visitor_text(str(e))) from None
         return image, prompts.question(record), record.turns[-1].text, info
 
     def step(index: float, delta: int) -> int:
@@ -228,10 +253,11 @@ def _sample_callbacks(gr, cfg: DemoConfig, engine: SideBySideEngine, samples: Sa
             yield (base, match_badge(base, reference), tuned,
                    match_badge(tuned, reference) if engine.has_adapter else "", status)
         except RequestError as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:  # a failure in one request: say so in the page, keep serving
+            log.info("compare_sample refused: %s", e)
+            raise gr.Error(visitor_text(str(e))) from None
+        except Exception:  # a failure in one request: say so in the page (no detail), log it, keep serving
             log.exception("compare_sample failed")
-            raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
+            raise gr.Error(FAILED) from None
 
     return show_sample, step, compare_sample
 
@@ -295,6 +321,9 @@ def _data_tab(gr, app, cfg: DemoConfig, engine: SideBySideEngine, samples: Sampl
 
 def _upload_callback(gr, cfg: DemoConfig, engine: SideBySideEngine):
     """Tab 2's handler: the uploaded images and the typed question, answered by both models."""
+    # <image> is the question's way to place the images (counted against them in upload_images); every other
+    # control token typed is refused
+    controls = [t for t in control_tokens(engine.processor.tokenizer) if t != IMAGE_PLACEHOLDER]
 
     # the settings by name (demo_checks.PANEL), and the further images last with a default: a client may leave
     # them out, and the endpoint's calls of one image hold
@@ -303,12 +332,7 @@ def _upload_callback(gr, cfg: DemoConfig, engine: SideBySideEngine):
         try:
             settings = page_settings((max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty),
                                      cfg.max_new_tokens_cap)
-            question = (question or "").strip()
-            if not question:
-                raise RequestError("type a question first")
-            if len(question) > cfg.max_question_chars:
-                raise RequestError(f"the question is {len(question):,} characters; the limit is "
-                                   f"{cfg.max_question_chars:,}")
+            question = checked_question(question, cfg.max_question_chars, controls)
             images = upload_images([image_path, *(more_images or [])], question, cfg.max_upload_bytes,
                                    cfg.max_upload_pixels)
             for image in images:
@@ -316,10 +340,11 @@ def _upload_callback(gr, cfg: DemoConfig, engine: SideBySideEngine):
             msgs = prompts.user_messages(question, len(images))
             yield from engine.compare(engine.prompt(msgs), one_or_all(images), settings)
         except RequestError as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:
+            log.info("compare_upload refused: %s", e)
+            raise gr.Error(visitor_text(str(e))) from None
+        except Exception:
             log.exception("compare_upload failed")
-            raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
+            raise gr.Error(FAILED) from None
 
     return compare_upload
 
@@ -361,7 +386,7 @@ def build_app(cfg: DemoConfig, engine: SideBySideEngine, samples: Samples | None
     """The page: header, parameter counts, shared generation settings, and the two tabs; ``serve`` launches it
     (tests launch it the same way)."""
     gr = _gradio()
-    with gr.Blocks(title="LLaVA-LoRA demo", analytics_enabled=False) as app:
+    with gr.Blocks(title="LLaVA-LoRA demo", analytics_enabled=False, delete_cache=DELETE_CACHE) as app:
         gr.Markdown(header_markdown(cfg, engine), elem_id="header")
         with gr.Accordion("Parameter statistics", open=False):
             gr.Markdown(f"```\n{format_param_stats(param_stats(engine.model))}\n```", elem_id="param-stats")
@@ -369,7 +394,7 @@ def build_app(cfg: DemoConfig, engine: SideBySideEngine, samples: Samples | None
         with gr.Tabs():
             _data_tab(gr, app, cfg, engine, samples, ui)
             _upload_tab(gr, cfg, engine, ui)
-    app.queue(max_size=cfg.queue_size)
+    app.queue(max_size=cfg.queue_size, api_open=False)  # no REST route around the queue and its size
     return app
 
 
@@ -380,7 +405,8 @@ def serve(app: gr.Blocks, cfg: DemoConfig, block: bool = True) -> str:
     font = [gr.themes.LocalFont("IBM Plex Sans", weights=(400, 700)), "ui-sans-serif", "system-ui", "sans-serif"]
     mono = [gr.themes.LocalFont("IBM Plex Mono", weights=(400, 700)), "ui-monospace", "monospace"]
     theme = gr.themes.Default(primary_hue="indigo", secondary_hue="slate", font=font, font_mono=mono)
-    _, url, _ = app.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True,
+    _, url, _ = app.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.credentials(),
+                           show_error=False,
                            max_file_size=cfg.max_upload_bytes, prevent_thread_lock=not block, quiet=not block,
                            ssr_mode=False, theme=theme, css=CSS, footer_links=[], mcp_server=False)
     return url
@@ -400,6 +426,10 @@ def main(cfg: DemoConfig) -> int:
         print(f"data: {len(samples):,} samples from {samples.source}" +
               (f" ({samples.skipped:,} rejected records left out)" if samples.skipped else ""))
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {cfg.host}: anyone who can reach this machine can use the page")
+        print(f"note: listening on {cfg.host}: anyone who can reach this machine can use the page"
+              + ("" if cfg.auth else " (no --auth)"))
+    if cfg.share and not cfg.auth:
+        print("WARNING: --share-without-auth: the public link opens the model to anyone who has it, with no "
+              "password", file=sys.stderr)
     serve(build_app(cfg, engine, samples), cfg)
     return 0

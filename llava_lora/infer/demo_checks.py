@@ -4,6 +4,7 @@ they are decoded) and data-set samples. Each refusal is a ``RequestError``, whos
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,3 +132,33 @@ def page_settings(values: tuple, cap: int) -> GenerationSettings:
     if len(values) != len(PANEL):
         raise RequestError(f"expected {len(PANEL)} generation settings ({', '.join(PANEL)}), got {len(values)}")
     return ui_settings(**dict(zip(PANEL, values)), cap=cap)
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """The strings the tokenizer turns into control tokens wherever they stand in a text (``<|im_end|>``,
+    ``<image>``, ...): its special and added tokens, longest first."""
+    found = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return sorted((t for t in found if t.strip()), key=len, reverse=True)
+
+
+def checked_question(question: str | None, max_chars: int, tokens: list[str]) -> str:
+    """The typed question, stripped; refused empty, over ``max_chars``, or holding a control token (``tokens``):
+    typed, ``<|im_end|>`` would end the turn, ``<image>`` ask for an image that is not there. Text is text."""
+    question = (question or "").strip()
+    if not question:
+        raise RequestError("type a question first")
+    if len(question) > max_chars:
+        raise RequestError(f"the question is {len(question):,} characters; the limit is {max_chars:,}")
+    for token in tokens:
+        if token in question:
+            raise RequestError(f"the question holds {token}, one of the model's control tokens; write it "
+                               "another way")
+    return question
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s:,;()'\"]+")
+
+
+def visitor_text(message: str) -> str:
+    """A message as a visitor of the page sees it: absolute paths cut to their last part (the log keeps them)."""
+    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group()).name or "/", message)

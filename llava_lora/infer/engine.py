@@ -54,9 +54,10 @@ def vision_once(model) -> Iterator[None]:
 
     The tower is frozen and carries no LoRA, so base and fine-tuned see the same features; only the projector
     after it differs (it is trained), and it still runs for each. The cache holds one batch and ends with the
-    context.
+    context. Contexts nest: an inner one wraps the outer's forward and puts it back when it ends.
     """
     tower = llava_of(model).model.vision_tower
+    outer = tower.__dict__.get("forward")  # an enclosing context's patch, if any
     run = tower.forward
     cache: dict[tuple, object] = {}
 
@@ -72,7 +73,10 @@ def vision_once(model) -> Iterator[None]:
     try:
         yield
     finally:
-        del tower.forward  # back to the class's forward
+        if outer is None:
+            del tower.forward  # back to the class's forward
+        else:
+            tower.forward = outer
         cache.clear()
 
 

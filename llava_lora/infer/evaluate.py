@@ -247,7 +247,9 @@ def main(cfg: EvalConfig) -> int:
         raise UsageError(f"{data_file}: no usable sample ({len(bad)} bad records; see `llava-lora data check`)")
     out = default_out(cfg)
     if out is not None:
-        check_out(out, cfg.overwrite)  # before minutes of generation, not after
+        # before minutes of generation, not after; OUT may sit in RUN_DIR (its default: RUN_DIR/eval-<split>)
+        check_out(out, cfg.overwrite, inputs={"--model": cfg.model, "--data": cfg.data, "--image-dir": cfg.image_dir},
+                  homes={"--adapter": cfg.adapter})
 
     model, processor = load_model(cfg.model, cfg.adapter, cfg.dtype, cfg.device)
     systems = SYSTEMS if cfg.adapter else SYSTEMS[:1]

@@ -3,7 +3,8 @@
 The adapter is a plain peft folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
 ``PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(MODEL_DIR), RUN_DIR)`` loads; it
 carries the LoRA matrices and the whole projector (peft's ``modules_to_save``). ``run.json`` beside it
-names the base model and a fingerprint of its config, so an adapter is never attached to another base.
+names the base model with fingerprints of its config and of a sample of its weights, so an adapter is never
+attached to another base (``check_base``), nor to the MERGED_DIR it was folded into.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from .. import __version__
@@ -119,13 +121,14 @@ def lora_inputs_in_compute_dtype(peft_model) -> int:
     return len(layers)
 
 
-def init_from(peft_model, run: str | Path) -> dict[str, int]:
+def init_from(peft_model, run: str | Path, model_dir: str | Path) -> dict[str, int]:
     """Load another run's trained weights (RUN_DIR or a checkpoint of it) into a fresh peft model: the projector,
     and the LoRA matrices when both runs place LoRA alike. Returns the tensors loaded per kind."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     src = adapter_dir(run)
+    check_base(src, model_dir, "--init-from")
     theirs = load_file(src / "adapter_model.safetensors")
     mine = get_peft_model_state_dict(peft_model)
     source_r = json.loads((src / RUN_FILE).read_text()).get("lora_r") if (src / RUN_FILE).is_file() else None
@@ -157,12 +160,59 @@ def fingerprint(model_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """A hash of a sample of MODEL_DIR's weights: the first row of every tensor, as stored, whatever its key (two
+    bases of one architecture differ here where their configs are equal; MODEL_DIR's older key layout does not)."""
+    import torch
+    from safetensors import safe_open
+
+    rows = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            for key in s.keys():
+                part = s.get_slice(key)
+                row = part[0:1] if len(part.get_shape()) else part[:]
+                rows.append(hashlib.sha256(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).digest())
+    return hashlib.sha256(b"".join(sorted(rows))).hexdigest()[:16] if rows else None
+
+
+def check_base(src: Path, model_dir: str | Path, flag: str = "--adapter") -> None:
+    """Refuse the adapter in ``src`` for MODEL_DIR where it was made for another base (its run.json's config and
+    weights fingerprints), or where MODEL_DIR is the MERGED_DIR this very run was folded into (export.json):
+    the LoRA would count twice. Without a run.json there is nothing to check against: said, not refused."""
+    merged = Path(model_dir) / "export.json"
+    if merged.is_file():
+        folded = json.loads(merged.read_text()).get("adapter")
+        if folded and _run_root(Path(folded)) == _run_root(src):
+            raise UsageError(f"--model {model_dir} is a MERGED_DIR that {flag} {src} is already folded into (its "
+                             f"export.json); applying it again would count the LoRA twice. Give the base "
+                             f"{json.loads(merged.read_text()).get('base_model')} instead")
+    if not (src / RUN_FILE).is_file():
+        print(f"note: {flag} {src} has no {RUN_FILE}: that it was trained on {model_dir} cannot be checked",
+              file=sys.stderr)
+        return
+    meta = json.loads((src / RUN_FILE).read_text())
+    if meta.get("base_fingerprint") not in (None, fingerprint(model_dir)):
+        raise UsageError(f"{flag} {src} was trained on {meta.get('base_model')}, a different base model than "
+                         f"{model_dir} (their configs differ)")
+    if meta.get("base_weights") not in (None, weights_fingerprint(model_dir)):
+        raise UsageError(f"{flag} {src} was trained on {meta.get('base_model')}, a different base model than "
+                         f"{model_dir} (the same config, other weights)")
+
+
+def _run_root(path: Path) -> Path:
+    """RUN_DIR of a RUN_DIR or of one of its checkpoint-N/ folders."""
+    path = path.resolve()
+    return path.parent if path.name.startswith("checkpoint-") else path
+
+
 def save_adapter(peft_model, out: Path, model_dir: str | Path, extra: dict | None = None) -> None:
     """Write the adapter files into ``out``, each replaced atomically (a reader never sees half a file)."""
     with new_folder(out, overwrite=False, label="adapter", into=True) as tmp:
         peft_model.save_pretrained(tmp)
         meta = {"llava_lora_version": __version__, "base_model": str(Path(model_dir).resolve()),
-                "base_fingerprint": fingerprint(model_dir), **(extra or {})}
+                "base_fingerprint": fingerprint(model_dir), "base_weights": weights_fingerprint(model_dir),
+                **(extra or {})}
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -183,11 +233,8 @@ def attach_adapter(model, adapter: str | Path, model_dir: str | Path):
     from peft import PeftModel
 
     src = adapter_dir(adapter)
-    meta_path = src / RUN_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("base_fingerprint") not in (None, fingerprint(model_dir)):
-        raise UsageError(f"--adapter {adapter} was trained on {meta.get('base_model')}, a different base "
-                         f"model than {model_dir} (their configs differ)")
+    check_base(src, model_dir)
+    meta = json.loads((src / RUN_FILE).read_text()) if (src / RUN_FILE).is_file() else {}
     try:
         peft_model = PeftModel.from_pretrained(model, src)
         peft_model.lora_stand_in = meta.get("lora_r") == 0

@@ -356,7 +356,7 @@ def verify(workdir: Path, built: dict) -> dict:
 
 def main(cfg: BuildConfig) -> int:
     out = Path(cfg.out)
-    check_out(out, cfg.overwrite)
+    check_out(out, cfg.overwrite, inputs={"--llm": cfg.llm, "--vision": cfg.vision})
     t0 = time.time()
     with new_folder(out, cfg.overwrite, label="building") as work:  # renamed into place once reloaded and checked
         built = compose(cfg, work)

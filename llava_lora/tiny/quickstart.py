@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import config as cfglib
 from ..config import field
-from ..outdirs import OVERWRITE_HELP, check_out
+from ..outdirs import OVERWRITE_HELP, check_out, mark
 
 # The training recipe: a tiny random LM needs a higher learning rate and LoRA on every linear layer to learn
 # the synthetic task in a couple of minutes (see the file's header).
@@ -62,6 +62,14 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+def _fresh(out: Path, overwrite: bool) -> None:
+    """OUT empty and marked: with --overwrite, only a folder llava-lora wrote (a quickstart's) is emptied."""
+    check_out(out, overwrite)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    mark(out)
+
+
 def main(cfg: QuickstartConfig) -> int:
     from ..data import synth
     from ..infer import evaluate
@@ -70,8 +78,7 @@ def main(cfg: QuickstartConfig) -> int:
     from . import checkpoints as tiny
 
     out = Path(cfg.out)
-    check_out(out, cfg.overwrite)
-    shutil.rmtree(out, ignore_errors=True)
+    _fresh(out, cfg.overwrite)
     t0 = time.perf_counter()
 
     _step("1/5 tiny source checkpoints (random weights, tokenizer trained here)")

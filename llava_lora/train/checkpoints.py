@@ -1,12 +1,15 @@
 """RUN_DIR's bookkeeping: the run it holds (checked against --resume / --overwrite), its checkpoint-N/ folders
 (written whole, pruned, the best one found), and the state a resumed run loads.
 
-    RUN_DIR/config.yaml                 the resolved TrainConfig (RUN_IDENTITY: what a resume must not change)
-    RUN_DIR/checkpoint-N/               adapter + run.json + training_state.pt (optimizer, scheduler, RNG)
+    RUN_DIR/config.yaml                 the resolved TrainConfig (RUN_IDENTITY: what a resume must not change;
+                                        OPTIMISATION: what only --resume-changed may)
+    RUN_DIR/checkpoint-N/               adapter + run.json + training_state.pt (optimizer, scheduler, RNG), and
+                                        manifest.json (every file's size and sha256), written last: complete
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -16,69 +19,186 @@ from pathlib import Path
 import torch
 
 from .. import config as cfglib
-from ..errors import UsageError
+from ..errors import RunFailed, UsageError
 from ..model.adapters import RUN_FILE, save_adapter
-from ..outdirs import new_folder
+from ..outdirs import check_inputs, check_out, mark, new_folder
 from .config import TrainConfig
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "training_state.pt"
+MANIFEST = "manifest.json"  # written last: the checkpoint is complete
 
 
 # Keys that define a run: resuming with another value would continue a different experiment.
 RUN_IDENTITY = ("model", "data", "split", "eval_data", "init_from", "lora_r", "lora_alpha", "lora_target",
                 "train_projector", "batch_size", "gradient_accumulation_steps", "seed", "max_length")
+# Keys that change the optimisation: a resume with another value is refused unless --resume-changed applies it.
+OPTIMISATION = ("learning_rate", "projector_learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio",
+                "max_steps", "num_epochs", "max_grad_norm", "precision", "lora_dropout")
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (their state file is written last, then the folder renamed into place)."""
+    """Complete checkpoints: their manifest is written last, then the folder fsynced and renamed into place (a
+    complete one may still be damaged later: ``verify`` reads it back)."""
     out = []
     for p in run_dir.glob("checkpoint-*"):
         step = p.name.removeprefix("checkpoint-")
-        if step.isdigit() and (p / STATE_FILE).is_file():
+        if step.isdigit() and (p / MANIFEST).is_file():
             out.append((int(step), p))
     return sorted(out)
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path | None:
-    """Check RUN_DIR against --resume/--overwrite; return the checkpoint to resume from, if any."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """MANIFEST: every file's size and sha256; written last, it marks the checkpoint complete."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (a file missing, of another size or checksum), or None if it verifies."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({e})"
+    for name in (STATE_FILE, "adapter_model.safetensors"):
+        if name not in files:
+            return f"its manifest lists no {name}"
+    for name, want in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_sound(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies; each newer one passed over is said, with why."""
+    for step, path in reversed(checkpoints(run_dir)):
+        why = verify(path)
+        if why is None:
+            return path
+        print(f"--resume: skipping {path.name}: {why}", flush=True)
+    return None
+
+
+def train_inputs(cfg: TrainConfig) -> dict[str, object]:
+    """What a run reads, by flag: RUN_DIR may neither be nor hold nor sit inside any of them."""
+    data = cfg.data if isinstance(cfg.data, str) else [s.get("path") if isinstance(s, dict) else s for s in cfg.data]
+    images = [] if isinstance(cfg.data, str) else [s.get("image_dir") for s in cfg.data if isinstance(s, dict)]
+    return {"--model": cfg.model, "--data": data, "--image-dir": [cfg.image_dir, *images],
+            "--eval-data": cfg.eval_data, "--eval-image-dir": cfg.eval_image_dir, "--init-from": cfg.init_from}
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> tuple[Path | None, dict[str, list]]:
+    """Check RUN_DIR against --resume/--overwrite and the run's inputs, deleting nothing (``clear_run_dir`` does,
+    once the inputs have loaded); return the checkpoint to resume from (if any) and, with --resume-changed, the
+    optimisation settings that differ from the run's ({key: [old, new]})."""
     saved = run_dir / CONFIG_FILE
     occupied = run_dir.is_dir() and any(p.name != "tensorboard" for p in run_dir.iterdir())
     if occupied and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"--out {run_dir} already holds a run (pass --resume to continue it, or --overwrite to "
                          "start over)")
+    check_inputs(run_dir, train_inputs(cfg), {}, "--out")
     if cfg.overwrite and occupied:
-        if is_main:
-            shutil.rmtree(run_dir)
-        return None
+        check_out(run_dir, True)  # only a folder this tool wrote
+        return None, {}
+    changes: dict[str, list] = {}
     if cfg.resume and saved.is_file():
         previous = cfglib.load_yaml(saved)
         changed = [k for k in RUN_IDENTITY if str(previous.get(k)) != str(getattr(cfg, k))]
         if changed:
-            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-            raise UsageError(f"--resume: {run_dir} holds a different run ({diffs}); use another --out or "
-                             "--overwrite")
-    found = checkpoints(run_dir) if cfg.resume else []
-    return found[-1][1] if found else None
+            raise UsageError(f"--resume: {run_dir} holds a different run ({_diffs(previous, cfg, changed)}); use "
+                             "another --out or --overwrite")
+        changes = {k: [previous.get(k), getattr(cfg, k)] for k in OPTIMISATION
+                   if k in previous and str(previous.get(k)) != str(getattr(cfg, k))}
+        if changes and not cfg.resume_changed:
+            raise UsageError(f"--resume: these settings differ from the run's ({_diffs(previous, cfg, changes)}); "
+                             "pass --resume-changed to continue with the new ones (the schedule recomputed), or "
+                             "resume with the run's own")
+    return (newest_sound(run_dir) if cfg.resume else None), changes
+
+
+def _diffs(previous: dict, cfg: TrainConfig, keys) -> str:
+    return ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(cfg, k)!r}" for k in keys)
+
+
+def check_not_finished(ckpt: Path, step: int, max_steps: int) -> None:
+    """Refuse a resume from a run's last step: there is nothing left to train."""
+    if step >= max_steps:
+        raise UsageError(f"--resume: {ckpt} is step {step} and the run has {max_steps} steps: it is finished, "
+                         "nothing to train (to train on, raise --max-steps and pass --resume-changed)")
+
+
+def reschedule(optimizer, fresh, make_scheduler, step: int):
+    """--resume-changed: ``optimizer`` (its restored moments kept) takes the rates and decay of ``fresh`` (an
+    optimizer built from the new settings), and a schedule built from the new settings, at ``step``."""
+    for group, new in zip(optimizer.param_groups, fresh.param_groups):
+        group["lr"] = group["initial_lr"] = new["lr"]
+        group["weight_decay"] = new["weight_decay"]
+    scheduler = make_scheduler(optimizer)  # LambdaLR (every schedule of transformers.get_scheduler here)
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    return scheduler
+
+
+def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """RUN_DIR ready for the run: with --overwrite the old run deleted (checked by ``prepare_run_dir``; called
+    once the model and data have loaded), then marked as this tool's."""
+    if cfg.overwrite and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mark(run_dir)
 
 
 def save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str,
-                    meta: dict) -> Path:
-    """checkpoint-N/: adapter + optimizer, scheduler and RNG state, renamed into place when complete; its
-    run.json holds ``meta`` (the step, the held-out loss there if one was measured, how the run started)."""
+                    meta: dict, failed: set[int] | None = None) -> Path:
+    """checkpoint-N/: adapter + optimizer, scheduler and RNG state, then its manifest (written last: complete),
+    fsynced and renamed into place; its run.json holds ``meta`` (the step, the held-out loss there if one was
+    measured, how the run started); ``failed``: the records a worker could not load, never drawn again after a
+    resume. A write that fails (a full disk) leaves no temporary folder and stops the run
+    with one message naming the folder and the space a checkpoint takes."""
     final = run_dir / f"checkpoint-{step}"
     try:
-        with new_folder(final, overwrite=True) as tmp:
+        with new_folder(final, overwrite=True, owned=True) as tmp:
             save_adapter(peft_model, tmp, model_dir, meta)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                        "failed": sorted(failed or ())},
                        tmp / STATE_FILE)
-    except OSError as e:
+            write_manifest(tmp)
+    except Exception as e:  # a full disk: OSError, torch's RuntimeError, safetensors' SafetensorError
         done = checkpoints(run_dir)
         keep = f"; the last complete checkpoint is {done[-1][1]}" if done else ""
-        raise UsageError(f"cannot write checkpoint-{step} in {run_dir}: {e.strerror or e}{keep}") from None
+        why = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0] or type(e).__name__
+        raise RunFailed(f"cannot write checkpoint-{step} in {run_dir}: {why}; a checkpoint takes about "
+                        f"{_mb(checkpoint_bytes(peft_model))} and {_mb(shutil.disk_usage(run_dir).free)} are free "
+                        f"there{keep}") from None
     return final
+
+
+def checkpoint_bytes(peft_model) -> int:
+    """What a checkpoint takes: the trained weights, and AdamW's two moments of each (all fp32)."""
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad) * 4 * 3
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def best_checkpoint(run_dir: Path) -> tuple[Path, float] | None:
@@ -105,7 +225,9 @@ def prune_checkpoints(run_dir: Path, limit: int, keep_best: bool) -> list[Path]:
     return gone
 
 
-def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
+def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler, failed: set[int] | None = None) -> int:
+    """The state of ``ckpt`` loaded into the run's objects (``failed`` gets the records it holds as failed);
+    returns its step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -120,4 +242,6 @@ def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
     random.setstate(state["python_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if failed is not None:
+        failed.update(int(i) for i in state.get("failed", []))
     return int(state["step"])

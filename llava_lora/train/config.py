@@ -27,7 +27,11 @@ class TrainConfig:
     image_dir: str | None = image_dir_field()
     split: str | None = split_field()
     resume: bool = field(False, help="continue from the newest complete checkpoint in RUN_DIR")
-    overwrite: bool = field(False, help="delete RUN_DIR's previous run and start over")
+    overwrite: bool = field(False, help="delete RUN_DIR's previous run and start over (only a RUN_DIR llava-lora "
+                                        "wrote)")
+    resume_changed: bool = field(False, help="with --resume: apply optimisation settings that differ from the run's "
+                                             "(learning rates, schedule, steps, precision, ...), the schedule "
+                                             "recomputed; without it such a resume is refused")
     lora_r: int = field(4, help="LoRA rank; 0: no LoRA, the projector alone (LLaVA's stage 1)")
     lora_alpha: int = field(8, help="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = field(0.05, help="dropout on the LoRA input")
@@ -51,6 +55,8 @@ class TrainConfig:
     batch_size: int = field(6, help="samples per micro-batch per process")
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
     max_grad_norm: float = field(0.3, help="gradient clipping norm")
+    skip_nonfinite: int = field(0, help="steps whose loss or gradient norm is NaN/inf that may be skipped (no update, "
+                                        "each reported) before the run stops; 0: the first one stops it")
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
     precision: PrecisionName = field(
         "auto", help=f"compute and frozen-weight precision ({WEIGHT_ONLY}: frozen weights stored in bf16, computed in "
@@ -110,7 +116,7 @@ class TrainConfig:
         "LoRA and what trains": ("lora_r", "lora_alpha", "lora_dropout", "lora_target", "train_projector", "init_from"),
         "optimisation": ("learning_rate", "projector_learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio",
                          "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_grad_norm",
-                         "gradient_checkpointing", "precision", "max_length", "group_by_length", "seed"),
+                         "skip_nonfinite", "gradient_checkpointing", "precision", "max_length", "group_by_length", "seed"),
         "evaluation on held-out records": ("eval_data", "eval_split", "eval_image_dir", "eval_every", "eval_samples",
                                            "eval_max_new_tokens"),
         "checkpoints and logs": ("save_every", "save_total_limit", "save_best", "log_every", "tensorboard"),
@@ -130,7 +136,7 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
             (self.save_every > 0 and self.log_every > 0, "save_every and log_every must be positive"),
-            (self.max_length > 0, "max_length must be positive"), (self.num_workers >= 0, "num_workers >= 0"),
+            (self.max_length > 0, "max_length must be positive"), (self.skip_nonfinite >= 0, "skip_nonfinite >= 0"), (self.num_workers >= 0, "num_workers >= 0"),
             (self.num_threads is None or self.num_threads > 0, "num_threads must be positive"),
             (self.eval_every is None or self.eval_every > 0, "eval_every must be positive"),
             (self.eval_samples >= 0 and self.eval_max_new_tokens > 0, "eval_samples >= 0, eval_max_new_tokens > 0"),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..chat.batches import TrainDataset
+from ..data.images import locate_records
 from ..data.records import Record, data_kind, load_records, resolve_data
 from ..errors import Rejected, UsageError
 from ..model.loss import loss_sums
@@ -46,18 +47,24 @@ def split_off(records: list[Record], fraction: float, seed: int) -> tuple[list[R
 
 def heldout_records(spec: str, split: str | None, image_dir: str | None, train_records: list[Record],
                     train_root: Path, seed: int) -> tuple[list[Record], list[Record], Path, list[Rejected]]:
-    """(records to train on, held-out records, their image root, the held-out file's parse errors)."""
+    """(records to train on, held-out records, their image root, the held-out records left out: the file's parse
+    errors, images not found). None left is an error: every evaluation would measure nothing (a NaN loss)."""
     fraction = share(spec)
     if fraction is not None:
         train, held = split_off(train_records, fraction, seed)
-        return train, held, train_root, []
-    if not Path(spec).exists() and data_kind(spec) == "json":  # shard patterns and hf:// are no path
-        raise UsageError(f"--eval-data {spec}: no such file or folder (or give a share, e.g. 0.05)")
-    data_file, root = resolve_data(spec, split, image_dir)
-    held, bad = load_records(data_file)
+        root, bad = train_root, []
+    else:
+        if not Path(spec).exists() and data_kind(spec) == "json":  # shard patterns and hf:// are no path
+            raise UsageError(f"--eval-data {spec}: no such file or folder (or give a share, e.g. 0.05)")
+        data_file, root = resolve_data(spec, split, image_dir)
+        train, (held, bad) = train_records, load_records(data_file)
+    held, unlocated = locate_records(held, root)
+    bad = bad + unlocated
     if not held:
-        raise UsageError(f"--eval-data {data_file}: no usable record")
-    return train_records, held, root, bad
+        first = f" (first: {bad[0].id}: {bad[0].reason}: {bad[0].detail})" if bad else ""
+        raise UsageError(f"--eval-data {spec}: no usable held-out record, {len(bad)} left out{first}; every "
+                         "evaluation would measure nothing")
+    return train, held, root, bad
 
 
 class HeldOut:
@@ -112,3 +119,21 @@ class HeldOut:
                        "finetuned": p.answers["finetuned"]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         return out
+
+
+def evaluate_heldout(heldout: HeldOut, loss_module, accelerator, log, step: int, bar) -> float:
+    """Held-out loss (logged as eval_loss) and, on the main process, the samples' answers; dropout off meanwhile."""
+    unwrapped = accelerator.unwrap_model(loss_module)  # no DDP forward: no gradient follows
+    unwrapped.eval()
+    try:
+        loss, tokens, skipped = heldout.loss(unwrapped, accelerator)
+        log.skipped(skipped, step)
+        if accelerator.is_main_process:
+            with accelerator.autocast():  # as in training: half-precision frozen weights beside fp32 trained ones
+                heldout.answers(unwrapped.peft_model, step)
+            log.metrics({"step": step, "eval_loss": loss, "eval_tokens": tokens})
+            bar.write(f"step {step}: held-out loss {loss:.4f} over {tokens} tokens")
+    finally:
+        unwrapped.train()
+    accelerator.wait_for_everyone()
+    return loss

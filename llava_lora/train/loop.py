@@ -32,7 +32,7 @@ from .. import config as cfglib
 from ..chat.batches import Collator, TrainDataset
 from ..chat.encode import IGNORE_INDEX, image_tokens_per_image
 from ..data.images import locate_records
-from ..data.records import duplicate_ids, load_records, resolve_data, text_pieces
+from ..data.records import duplicate_ids, load_records, resolve_data
 from ..data.sources import is_mixture, load_mixture, parse_sources
 from ..errors import RunFailed, UsageError
 from ..kernels import weight_only
@@ -43,16 +43,17 @@ from ..model.loss import LlavaLoss
 from ..model.parts import format_param_stats, param_stats
 from ..model.precision import (WEIGHT_ONLY, autocast_precision, default_device, dtype_name, frozen_dtype,
                                train_precision)
-from .checkpoints import (CONFIG_FILE, best_checkpoint, load_checkpoint, prepare_run_dir, prune_checkpoints,
-                          save_checkpoint)
+from .checkpoints import (CONFIG_FILE, best_checkpoint, check_not_finished, checkpoints, clear_run_dir,
+                          load_checkpoint, prepare_run_dir, prune_checkpoints, reschedule, save_checkpoint)
 from .config import TrainConfig
-from .heldout import HeldOut, heldout_records
+from .heldout import HeldOut, evaluate_heldout, heldout_records
 from .heldout import share as heldout_share
 from .runlog import RunLog, Throughput, plot_loss, write_data_report
 from .runtime import (check_compile, check_quantize, fused_summary, resolve_attn_implementation, resolve_fused_kernels,
                       resolve_fused_loss)
-from .sampler import DropFailed, ResumableBatchSampler
-from .watch import NOTHING_LEARNED_AFTER, SupervisionWatch
+from .sampler import DropFailed, ResumableBatchSampler, estimated_lengths
+from .watch import NOTHING_LEARNED_AFTER, FiniteWatch, SupervisionWatch
+from .workers import WatchedDataset, died_on, is_worker_death, stop_for_dead_worker
 
 
 def _model_inputs(mb: dict, device) -> dict:
@@ -71,12 +72,6 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
     return max(1, math.ceil(cfg.num_epochs * steps_per_epoch / cfg.gradient_accumulation_steps))
-
-
-def _estimated_lengths(records, image_tokens: int) -> list[int]:
-    """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
-    return [image_tokens * len(r.images) + sum(len(p) for t in r.turns for p in text_pieces(t.text)) * 2 // 7
-            for r in records]
 
 
 def wrap_for_training(model, cfg: TrainConfig):
@@ -102,6 +97,14 @@ def make_optimizer(peft_model, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(optimizer, cfg: TrainConfig, max_steps: int):
+    """The learning-rate schedule: warm-up over ``warmup_ratio`` of the run, then ``lr_scheduler``'s decay."""
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
+                         num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps), num_training_steps=max_steps)
+
+
 class TrainingRun:
     """One training run, in phases a reader can hold in view (after torchtune's single-device LoRA recipe):
     ``setup`` (runtime, data, model, loader, optimizer), ``train_step``, ``train`` (the loop: log, evaluate, save),
@@ -116,6 +119,7 @@ class TrainingRun:
         self._setup_runtime()
         self._setup_data()
         self._setup_model()
+        self._setup_run_dir()
         self._setup_loader()
         self._setup_optimizer()
         self._report()
@@ -144,8 +148,7 @@ class TrainingRun:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         acc = self.accelerator
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
-        self.resume_from = prepare_run_dir(cfg, self.run_dir, self.is_main)
-        acc.wait_for_everyone()
+        self.resume_from, self.resume_changes = prepare_run_dir(cfg, self.run_dir)  # checked; nothing deleted yet
 
     def _setup_data(self) -> None:
         """The training records, the held-out ones, and RUN_DIR with the resolved config."""
@@ -166,14 +169,10 @@ class TrainingRun:
                 cfg.eval_data, cfg.eval_split, cfg.eval_image_dir, self.records, self.image_root, cfg.seed)
             if heldout_share(cfg.eval_data) is None:  # a file of its own: its records were read too
                 self.n_records += len(self.held) + len(held_errors)
-            self.held, unlocated = locate_records(self.held, self.held_root)
-            self.parse_errors = self.parse_errors + held_errors + unlocated
+            self.parse_errors = self.parse_errors + held_errors
         if len(self.records) < cfg.batch_size * self.world:
             raise UsageError(f"{self.data_file}: {len(self.records)} usable records, fewer than one batch of "
                              f"{cfg.batch_size * self.world}")
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfglib.save(cfg, self.run_dir / CONFIG_FILE)
 
     def _setup_mixture(self) -> None:
         """Several sources: records weighted, each with its own image root (and its source in every report)."""
@@ -207,7 +206,7 @@ class TrainingRun:
         self.run_meta = {"lora_r": cfg.lora_r,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         if cfg.init_from:
-            loaded = init_from(self.peft_model, cfg.init_from)
+            loaded = init_from(self.peft_model, cfg.init_from, cfg.model)
             if self.is_main:
                 print(f"starting from {cfg.init_from}: {loaded['projector']} projector and {loaded['lora']} LoRA "
                       "tensors")
@@ -217,6 +216,14 @@ class TrainingRun:
             # backward instead of saving their outputs.
             model.model.language_model.compile(dynamic=True)
         self.model = model
+
+    def _setup_run_dir(self) -> None:
+        """RUN_DIR once the data and the model have loaded (so a typo in an input deletes nothing): the old run
+        deleted with --overwrite, the resolved config saved."""
+        if self.is_main:
+            clear_run_dir(self.cfg, self.run_dir)
+            cfglib.save(self.cfg, self.run_dir / CONFIG_FILE)
+        self.accelerator.wait_for_everyone()
 
     def _setup_loader(self) -> None:
         """Datasets, the resumable sampler, the DataLoader, and the run's length in steps."""
@@ -230,13 +237,14 @@ class TrainingRun:
                                         image_tokens, cfg.max_length)
             self.heldout = HeldOut(self.held, self.held_root, held_dataset, self.processor, cfg.batch_size,
                                    cfg.eval_samples, cfg.eval_max_new_tokens, self.run_dir)
-        lengths = _estimated_lengths(self.records, image_tokens) if cfg.group_by_length else None
+        lengths = estimated_lengths(self.records, image_tokens) if cfg.group_by_length else None
         self.sampler = ResumableBatchSampler(len(self.records), cfg.batch_size, cfg.seed, rank=self.rank,
                                              world=self.world, lengths=lengths)
         self.max_steps = total_steps(cfg, len(self.sampler))
-        self.failed: set[int] = set()  # records a worker could not load: reported once, not drawn again
+        self.failed = died_on(self.run_dir) if cfg.resume else set()  # records a worker could not load, never drawn
+        self.watched = WatchedDataset(dataset, cfg.num_workers)  # which record each worker holds, should it die
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=DropFailed(self.sampler, self.failed),
+            self.watched, batch_sampler=DropFailed(self.sampler, self.failed),
             collate_fn=Collator(self.processor.tokenizer.pad_token_id),
             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None, pin_memory=self.device == "cuda",
@@ -245,18 +253,21 @@ class TrainingRun:
             generator=torch.Generator().manual_seed(cfg.seed))
 
     def _setup_optimizer(self) -> None:
-        """AdamW over LoRA and projector (each its own rate), the schedule, the resumed state, and the loss module
-        prepared for the accelerator."""
-        from transformers import get_scheduler
-
+        """AdamW over LoRA and projector (each its own rate), the schedule, the resumed state (with
+        --resume-changed the new settings applied to it), and the loss module prepared for the accelerator."""
         cfg = self.cfg
         optimizer = make_optimizer(self.peft_model, cfg)
-        self.scheduler = get_scheduler(
-            cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
-            num_warmup_steps=math.ceil(cfg.warmup_ratio * self.max_steps), num_training_steps=self.max_steps)
-        self.start_step = (load_checkpoint(self.resume_from, self.peft_model, optimizer, self.scheduler)
-                           if self.resume_from else 0)
+        self.scheduler = make_scheduler(optimizer, cfg, self.max_steps)
+        self.start_step = 0
+        if self.resume_from:
+            self.start_step = load_checkpoint(self.resume_from, self.peft_model, optimizer, self.scheduler, self.failed)
+            check_not_finished(self.resume_from, self.start_step, self.max_steps)
+            if self.resume_changes:  # applied for real: the rates and decay, the schedule recomputed from here
+                self.scheduler = reschedule(optimizer, make_optimizer(self.peft_model, cfg),
+                                            lambda o: make_scheduler(o, cfg, self.max_steps), self.start_step)
+                self.run_meta["resumed_with_changes"] = {"step": self.start_step, **self.resume_changes}
         self.sampler.start = self.start_step * cfg.gradient_accumulation_steps
+        self.finite = FiniteWatch(cfg.skip_nonfinite)
         self.loss_module, self.optimizer = self.accelerator.prepare(LlavaLoss(self.peft_model, self.fused_loss),
                                                                     optimizer)
 
@@ -282,9 +293,11 @@ class TrainingRun:
         print(format_param_stats(param_stats(self.peft_model)))
 
     # ----------------------------------------------------------------------------------------------------- step
-    def train_step(self, micro: list[dict], global_supervised: torch.Tensor, meter: Throughput) -> float:
-        """Forward and backward over the micro-batches of one optimizer step, then the update; returns the mean
-        loss per supervised token over the whole global batch."""
+    def train_step(self, micro: list[dict], global_supervised: torch.Tensor, meter: Throughput, step: int = 0
+                   ) -> float:
+        """Forward and backward over the micro-batches of one optimizer step, then the update (none where the loss
+        or gradient norm is not finite: ``FiniteWatch``); returns the mean loss per supervised token over the whole
+        global batch."""
         acc, world, accum = self.accelerator, self.world, len(micro)
         step_loss = torch.zeros((), device=acc.device)
         for j, mb in enumerate(micro):
@@ -304,10 +317,12 @@ class TrainingRun:
             meter.tokens += int(mb["attention_mask"].sum())
             meter.samples += mb["n_samples"]
         self.grad_norm = acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        mean_loss = float(acc.reduce(step_loss, reduction="sum") / global_supervised)
+        if self.finite.allows_update(step, mean_loss, float(self.grad_norm), self._last_good):  # NaN/inf: no update
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(acc.reduce(step_loss, reduction="sum") / global_supervised)
+        return mean_loss
 
     def _supervised(self, micro: list[dict], step: int) -> torch.Tensor:
         """Supervised tokens of the global batch (at least 1); skipped records reported, the watch told."""
@@ -332,7 +347,7 @@ class TrainingRun:
         cfg, max_steps = self.cfg, self.max_steps
         self.log = RunLog(self.run_dir, self.rank, self.is_main, cfg.tensorboard)
         self.watch = SupervisionWatch(min(len(self.records), NOTHING_LEARNED_AFTER))
-        self.last_saved = self.start_step
+        self.last_saved = self.drawn = self.start_step
         eval_every = cfg.eval_every or cfg.save_every
         batches = iter(self.loader)
         bar = tqdm(total=max_steps, initial=self.start_step, disable=not self.is_main, desc="train",
@@ -342,7 +357,8 @@ class TrainingRun:
         try:
             for step in range(self.start_step + 1, max_steps + 1):
                 micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-                meter.loss += self.train_step(micro, self._supervised(micro, step), meter)
+                self.drawn = step  # a worker dying before this leaves the weights those after step - 1
+                meter.loss += self.train_step(micro, self._supervised(micro, step), meter, step)
                 meter.steps += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == max_steps:
@@ -356,10 +372,12 @@ class TrainingRun:
                 heldout_loss = None
                 if self.heldout is not None and (step % eval_every == 0 or step == max_steps
                                                  or (cfg.save_best and save_now)):
-                    heldout_loss = _evaluate_heldout(self.heldout, self.loss_module, self.accelerator, self.log,
-                                                     step, bar)
+                    heldout_loss = evaluate_heldout(self.heldout, self.loss_module, self.accelerator, self.log,
+                                                    step, bar)
                 if save_now:
                     self.save_checkpoint(step, heldout_loss)
+        except RuntimeError as e:  # torch raises a dead data worker wherever the main process is
+            raise (stop_for_dead_worker(self, e) if is_worker_death(e) else e) from None
         except RunFailed:
             if self.is_main:
                 write_data_report(self.run_dir, self.n_records, self.parse_errors)
@@ -382,11 +400,16 @@ class TrainingRun:
             meta = {**self.run_meta, "step": step}
             if heldout_loss is not None:
                 meta["heldout_loss"] = heldout_loss
-            save_checkpoint(self.run_dir, step, self._peft(), self.optimizer, self.scheduler, self.cfg.model, meta)
+            save_checkpoint(self.run_dir, step, self._peft(), self.optimizer, self.scheduler, self.cfg.model, meta,
+                            self.failed)
             if self.cfg.save_total_limit:
                 prune_checkpoints(self.run_dir, self.cfg.save_total_limit, self.cfg.save_best)
             plot_loss(self.run_dir)
         self.last_saved = step
+
+    def _last_good(self) -> str:
+        done = checkpoints(self.run_dir)
+        return str(done[-1][1]) if done else "none (no checkpoint written yet)"
 
     def _peft(self):
         return self.accelerator.unwrap_model(self.loss_module).peft_model
@@ -415,24 +438,6 @@ def main(cfg: TrainConfig) -> int:
     run.train()
     run.finish()
     return 0
-
-
-def _evaluate_heldout(heldout: HeldOut, loss_module, accelerator, log: RunLog, step: int, bar) -> float:
-    """Held-out loss (logged as eval_loss) and, on the main process, the samples' answers; dropout off meanwhile."""
-    unwrapped = accelerator.unwrap_model(loss_module)  # no DDP forward: no gradient follows
-    unwrapped.eval()
-    try:
-        loss, tokens, skipped = heldout.loss(unwrapped, accelerator)
-        log.skipped(skipped, step)
-        if accelerator.is_main_process:
-            with accelerator.autocast():  # as in training: half-precision frozen weights beside fp32 trained ones
-                heldout.answers(unwrapped.peft_model, step)
-            log.metrics({"step": step, "eval_loss": loss, "eval_tokens": tokens})
-            bar.write(f"step {step}: held-out loss {loss:.4f} over {tokens} tokens")
-    finally:
-        unwrapped.train()
-    accelerator.wait_for_everyone()
-    return loss
 
 
 def _empty_batch(pad_token_id: int) -> dict:

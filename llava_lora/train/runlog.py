@@ -15,12 +15,37 @@ DATA_REPORT = "data_report.json"
 LOSS_CURVE = "loss_curve.png"
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log; a line a crash tore (half written) is left out, not a reason to fail."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (no newline: the run died mid-write) so the next row starts a line of its own."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+
 class RunLog:
     """Appends metrics (main process only) and skipped records (every process, one file each)."""
 
     def __init__(self, run_dir: Path, rank: int, main: bool, tensorboard: bool = True):
         self.run_dir, self.main = run_dir, main
         self.skips_path = run_dir / f"skipped.rank{rank}.jsonl"
+        drop_torn_tail(self.skips_path)
+        if main:
+            drop_torn_tail(run_dir / METRICS)
         self._tb = None
         if main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,8 +84,7 @@ def write_data_report(run_dir: Path, total: int, parse_errors: list[Rejected],
     for k, r in enumerate(parse_errors):
         entries[("loading", k)] = {**r.as_dict(), "when": "loading"}
     for path in sorted(run_dir.glob("skipped.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        for row in read_jsonl(path):
             r = Rejected(row["id"], row["reason"], row["detail"], row.get("index", -1))
             # by position, not id: two records may share an id; under DDP each process reports its own draws
             entries.setdefault((r.id, r.index), {**r.as_dict(), "when": f"step {row['step']}"})
@@ -76,7 +100,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     path = run_dir / METRICS
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     if not rows:
         return None
     import matplotlib

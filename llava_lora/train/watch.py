@@ -1,7 +1,10 @@
-"""The guard of a run that learns nothing: it stops with what to do, instead of training on zero tokens."""
+"""The guards of a run that would go silently wrong: one that learns nothing (it stops with what to do, instead of
+training on zero tokens), and one that diverges (a NaN/inf loss or gradient norm stops it at that step, before the
+update, so no checkpoint or adapter holds a non-finite weight)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from ..errors import RunFailed
@@ -41,3 +44,27 @@ class SupervisionWatch:
         todo.append("- `llava-lora data check DATA --model MODEL_DIR` gives every record's reason")
         raise RunFailed(f"nothing to learn: {what} carry no supervised token (skipped: {counts}); no adapter "
                         "was written. What to do:\n" + "\n".join(todo))
+
+
+class FiniteWatch:
+    """Stops a run at the first step whose loss or gradient norm is not finite, before its update; with
+    ``skip`` > 0 (``--skip-nonfinite``) up to that many such steps are skipped instead (no update), each reported."""
+
+    def __init__(self, skip: int):
+        self.skip, self.skipped = skip, []
+
+    def allows_update(self, step: int, loss: float, grad_norm: float, last_good, say=print) -> bool:
+        """Whether step ``step`` may update the weights; raises ``RunFailed`` once the skips are used up
+        (``last_good()``: the checkpoint to name then)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return True
+        what = f"step {step}: the loss is {loss} and the gradient norm {grad_norm}"
+        if len(self.skipped) < self.skip:
+            self.skipped.append(step)
+            say(f"{what}: step skipped, the weights not updated ({len(self.skipped)} of --skip-nonfinite "
+                f"{self.skip})")
+            return False
+        used = f" after skipping {len(self.skipped)} (steps {self.skipped})" if self.skipped else ""
+        raise RunFailed(f"the run diverged: {what}{used}; stopped before the update, no adapter written. The last "
+                        f"good checkpoint is {last_good()}. Lower --learning-rate or --max-grad-norm, check the "
+                        "data at that step, or pass --skip-nonfinite N to skip such steps")

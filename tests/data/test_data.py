@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from fixtures.data import BAD_DATASET_GOOD_IDS, write_bad_dataset, write_good_dataset
 import llava_lora
-from llava_lora import cli
+from llava_lora import cli, outdirs
 from llava_lora.data import check, synth
 from llava_lora.chat import prompts
 from llava_lora.data.records import BadRecord, Record, Turn, plain_text, check_image, load_records, open_image, parse_record, read_raw, resolve_data, resolve_image
@@ -456,8 +456,12 @@ def test_synth_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(UsageError, match="--overwrite"):
         _synth(tmp_path)
+    with pytest.raises(UsageError, match="was not written by llava-lora"):  # not ours: --overwrite keeps it too
+        _synth(tmp_path, overwrite=True)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+    outdirs.mark(tmp_path)  # as an earlier synth would have
     assert _synth(tmp_path, overwrite=True) == 0 and _synth(tmp_path, overwrite=True, n=10) == 0
     # --overwrite means what it means everywhere: OUT replaced, its old contents (the earlier images too) gone
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "images_dl", "synth.yaml", "test.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".llava-lora", "chat.json", "images_dl", "synth.yaml",
+                                                          "test.json"]
     assert len(list((tmp_path / "images_dl").iterdir())) == 22

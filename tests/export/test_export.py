@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fixtures.trained import World, eval_world
 from llava_lora.infer import answers
-from llava_lora import cli
+from llava_lora import cli, outdirs
 from llava_lora.export import merge as export
 from llava_lora.data.records import Record, Turn, load_records, resolve_data
 from llava_lora.infer.engine import GenerationSettings
@@ -108,6 +108,9 @@ def test_existing_output_folder_is_refused_unless_overwrite(world, tmp_path, cap
     args = ["--model", world.model, "--adapter", world.run, "--out", out, "--check-samples", 1, "--check-tokens", 2]
     assert run_cli(*args) == 2
     assert "exists and is not empty (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert run_cli(*args, "--overwrite") == 2  # not a folder llava-lora wrote: kept
+    assert "was not written by llava-lora" in capsys.readouterr().err and (out / "old.txt").is_file()
+    outdirs.mark(out)  # as an earlier export would have
     assert run_cli(*args, "--overwrite") == 0
     assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
 
@@ -120,7 +123,8 @@ def test_adapter_for_another_base_is_refused(world, tmp_path, capsys):
 
 
 def test_missing_adapter_is_refused(world, tmp_path, capsys):
-    assert run_cli("--model", world.model, "--adapter", tmp_path, "--out", tmp_path / "merged") == 2
+    (tmp_path / "run").mkdir()
+    assert run_cli("--model", world.model, "--adapter", tmp_path / "run", "--out", tmp_path / "merged") == 2
     assert "no adapter found" in capsys.readouterr().err
 
 
@@ -212,3 +216,24 @@ def test_merge_check_alone_by_default_and_in_weight_only_precision(world, tmp_pa
     meta = json.loads((out / "export.json").read_text())
     assert meta["self_check"]["merge"]["lora_layers"] == 14 and meta["self_check"]["merge"]["max_ulp"] <= 1
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_a_non_finite_adapter_is_refused_and_a_nan_drift_fails_the_check(world, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "diverged"
+    shutil.copytree(world.run, run)
+    weights = load_file(str(run / "adapter_model.safetensors"))
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = torch.full_like(weights[key], float("nan"))  # what a run that diverged would have written
+    save_file(weights, str(run / "adapter_model.safetensors"), metadata={"format": "pt"})
+    assert run_cli("--model", world.model, "--adapter", run, "--out", tmp_path / "merged") == 1
+    assert "trained tensors hold NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+    # the end-to-end check compares NaN-safely: a NaN drift is no pass
+    record = Record("a", None, (Turn("user", "q"), Turn("assistant", "a")))
+    nan, one = export.Probe(torch.tensor([[float("nan")]]), ["a"]), export.Probe(torch.tensor([[1.0]]), ["a"])
+    with pytest.raises(RuntimeError, match="MERGED_DIR was not written"):
+        export.self_check(one, nan, [record], "float32")

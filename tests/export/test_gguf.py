@@ -198,3 +198,42 @@ def test_feature_layer_is_counted_as_llama_cpp_does():
     assert gguf_export.feature_layer(24, 5) == 5
     with pytest.raises(UsageError, match="outside a 24-layer vision tower"):
         gguf_export.feature_layer(24, -26)
+
+
+def test_export_refuses_a_gguf_it_cannot_write_before_the_merge(models: Models, tmp_path: Path, monkeypatch,
+                                                                 capsys):
+    from llava_lora import cli
+    from llava_lora.export import merge
+
+    folder = tmp_path / "model"
+    shutil.copytree(models.qwen_model, folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+
+    def merged(*args, **kwargs):
+        raise AssertionError("the merge ran before the GGUF check")
+
+    monkeypatch.setattr(merge, "merge_checked", merged)
+    assert cli.main(["export", "--model", str(folder), "--adapter", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "merged"), "--format", "gguf"]) == 2
+    assert "tokenizer.json: its pre-tokenizer is not one this exporter knows" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_each_gguf_file_is_read_back_and_checked(models: Models, tmp_path: Path, monkeypatch):
+    from llava_lora.errors import RunFailed
+
+    real = gguf_export._encode
+
+    def one_row_short(data, lm_type):  # a writer that loses a row of every matrix
+        return real(data[:-1] if data.ndim == 2 else data, lm_type)
+
+    monkeypatch.setattr(gguf_export, "_encode", one_row_short)
+    with pytest.raises(RunFailed, match=r"model-f16\.gguf reads back .* tensors .*MERGED_DIR was not written"):
+        gguf_export.write(models.qwen_model, tmp_path / "out", "f16")
+    monkeypatch.setattr(gguf_export, "_encode", real)
+    paths = gguf_export.write(models.qwen_model, tmp_path / "good", "f16")  # read back, every tensor and token
+    with pytest.raises(RunFailed, match="does not read back"):
+        paths[1].write_bytes(paths[1].read_bytes()[:100])
+        gguf_export.read_back(paths[1], {})

@@ -172,8 +172,9 @@ def test_decompression_bomb_is_refused(demo, tmp_path):
     client, _ = demo
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(30_000, 30_000))  # 900 MP: Gradio's own check stops it at the header
-    with pytest.raises(AppError, match="(?i)decompression bomb|too large"):
+    with pytest.raises(AppError) as e:  # Gradio's own error, its text (with the server's paths) not shown
         client.predict(handle_file(str(bomb)), QUESTION, *GREEDY, api_name=f"/{API_COMPARE_UPLOAD}")
+    assert "/tmp" not in str(e.value) and "has not enabled verbose error reporting" in str(e.value)
 
 
 def test_upload_over_the_byte_limit_is_refused(demo, tmp_path):
@@ -240,7 +241,7 @@ def test_broken_sample_shows_a_message_and_the_server_keeps_serving(demo_assets,
         assert status.startswith("Done")
 
 
-def test_generation_failure_shows_a_message_and_the_server_keeps_serving(demo, monkeypatch):
+def test_generation_failure_shows_a_message_and_the_server_keeps_serving(demo, monkeypatch, caplog):
     client, engine = demo
     real = engine.model.generate
     calls = []
@@ -252,8 +253,11 @@ def test_generation_failure_shows_a_message_and_the_server_keeps_serving(demo, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "generate", fail_once)
-    with pytest.raises(AppError, match=r"generation failed: RuntimeError: out of memory \(simulated\)"):
+    with pytest.raises(AppError) as e:
         client.predict(None, QUESTION, *GREEDY, api_name=f"/{API_COMPARE_UPLOAD}")
+    # the visitor reads a short message; the log keeps what happened
+    assert "generation failed; the server's log has the details" in str(e.value) and "memory" not in str(e.value)
+    assert "out of memory (simulated)" in caplog.text
     *_, status = client.predict(None, QUESTION, *GREEDY, api_name=f"/{API_COMPARE_UPLOAD}")
     assert status.startswith("Done")
 

@@ -14,7 +14,7 @@ import torch
 
 from fixtures.trained import World, eval_world
 from llava_lora.infer import answers, evaluate
-from llava_lora import cli
+from llava_lora import cli, outdirs
 from fixtures.models import auto_cpu_dtype
 from llava_lora.data.records import load_records, resolve_data
 from llava_lora.infer.engine import GenerationSettings
@@ -66,7 +66,7 @@ def test_eval_finetuned_beats_base_on_held_out(world, capsys):
                  "--max-new-tokens", 6, "--batch-size", 8)
     assert rc == 0
     out = world.run / "eval-test"  # default: beside the adapter, named after the split
-    assert sorted(p.name for p in out.iterdir()) == sorted(evaluate.OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*evaluate.OUTPUTS, outdirs.MARKER])
     summary = json.loads((out / "summary.json").read_text())
     base, tuned = summary["metrics"]["base"], summary["metrics"]["finetuned"]
     assert tuned["exact_match"] > base["exact_match"]
@@ -246,5 +246,9 @@ def test_existing_output_folder_is_refused_unless_overwrite(world, capsys, tmp_p
     assert run_cli(*args) == 2
     assert "exists and is not empty (pass --overwrite to replace it)" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli(*args, "--overwrite") == 2  # not a folder llava-lora wrote: kept
+    assert "was not written by llava-lora" in capsys.readouterr().err and (out / "keep.txt").is_file()
+    outdirs.mark(out)  # as an earlier eval would have
     assert run_cli(*args, "--overwrite") == 0  # replaced, as --overwrite means for every command
-    assert sorted(p.name for p in out.iterdir()) == ["eval.yaml", "predictions.jsonl", "report.md", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".llava-lora", "eval.yaml", "predictions.jsonl", "report.md",
+                                                     "summary.json"]

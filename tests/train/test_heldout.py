@@ -61,6 +61,7 @@ def _fake_checkpoint(run: Path, step: int, loss: float | None, complete: bool = 
     (path / RUN_FILE).write_text(json.dumps({"step": step} if loss is None else {"step": step, "heldout_loss": loss}))
     if complete:
         (path / checkpoints.STATE_FILE).write_bytes(b"")
+        checkpoints.write_manifest(path)
     return path
 
 
@@ -75,6 +76,21 @@ def test_prune_keeps_newest_best_and_incomplete(tmp_path: Path):
     assert [s for s, _ in checkpoints.checkpoints(tmp_path)] == [2, 4, 5] and writing.is_dir()
     checkpoints.prune_checkpoints(tmp_path, limit=1, keep_best=False)
     assert [s for s, _ in checkpoints.checkpoints(tmp_path)] == [5]  # the newest: what a resume needs
+
+
+def test_a_heldout_set_with_no_usable_record_is_an_error_at_start(world: Models, data: Path, tmp_path: Path,
+                                                                   capsys):
+    held = tmp_path / "held"
+    held.mkdir()
+    qa = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    # every image missing: each evaluation would be a NaN loss over nothing
+    (held / "chat.json").write_text(json.dumps([{"id": f"h{k}", "image": f"gone{k}.png", "conversations": qa}
+                                                for k in range(3)]))
+    run = tmp_path / "run"
+    assert _train(world, data, run, "--max-steps", "2", "--eval-data", str(held / "chat.json")) == 2
+    err = capsys.readouterr().err
+    assert f"--eval-data {held / 'chat.json'}: no usable held-out record" in err and "missing_image" in err
+    assert not run.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,7 +142,8 @@ def test_save_best_and_limit_survive_resume(world: Models, data: Path, tmp_path:
         assert meta["best_heldout_loss"] == pytest.approx(losses[best])
 
     check(4)
-    assert _train(world, data, run, "--max-steps", "6", "--resume", *flags) == 0, capsys.readouterr().err
+    assert _train(world, data, run, "--max-steps", "6", "--resume", "--resume-changed", *flags) == 0, \
+        capsys.readouterr().err
     check(6)
 
 

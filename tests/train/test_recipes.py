@@ -114,7 +114,7 @@ def test_stage2_starts_from_stage1_projector_bit_for_bit(world: Models, data: Pa
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    assert init_from(peft_model, stage1) == {"projector": 4, "lora": 0}
+    assert init_from(peft_model, stage1, world.qwen_model) == {"projector": 4, "lora": 0}
     saved = load_file(stage1 / "adapter_model.safetensors")
     mine = {n: p for n, p in peft_model.named_parameters() if PROJECTOR in n and p.requires_grad}
     assert len(mine) == 4
@@ -143,7 +143,7 @@ def test_init_from_refuses_misplaced_lora(world: Models, tmp_path: Path):
     (tmp_path / "src" / "run.json").write_text(json.dumps({"lora_r": 4}))
     dst = apply_lora(_model(world.qwen_model), 8, 16, 0.0, ["q_proj"])
     with pytest.raises(UsageError, match="do not fit this run's model"):
-        init_from(dst, tmp_path / "src")
+        init_from(dst, tmp_path / "src", world.qwen_model)
 
 
 def test_recipes_packaged_and_resolvable():
