@@ -157,10 +157,12 @@ def fingerprint(model_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_adapter(peft_model, out: Path, model_dir: str | Path, extra: dict | None = None) -> None:
-    """Write the adapter files into ``out``, each replaced atomically (a reader never sees half a file)."""
+def save_adapter(peft_model, out: Path, model_dir: str | Path, extra: dict | None = None,
+                 state_dict: dict | None = None) -> None:
+    """Write the adapter files into ``out``, each replaced atomically (a reader never sees half a file);
+    ``state_dict``: the trained weights gathered whole, where the model holds only its shards (FSDP)."""
     with new_folder(out, overwrite=False, label="adapter", into=True) as tmp:
-        peft_model.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp, state_dict=state_dict)
         meta = {"llava_lora_version": __version__, "base_model": str(Path(model_dir).resolve()),
                 "base_fingerprint": fingerprint(model_dir), **(extra or {})}
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=2))

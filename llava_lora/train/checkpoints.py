@@ -62,15 +62,16 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path | No
     return found[-1][1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str,
-                    meta: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, peft_model, optimizer_state: dict, scheduler, model_dir: str,
+                    meta: dict, adapter_state: dict | None = None) -> Path:
     """checkpoint-N/: adapter + optimizer, scheduler and RNG state, renamed into place when complete; its
-    run.json holds ``meta`` (the step, the held-out loss there if one was measured, how the run started)."""
+    run.json holds ``meta`` (the step, the held-out loss there if one was measured, how the run started).
+    ``adapter_state``, ``optimizer_state``: whole, gathered from every process's shards under FSDP."""
     final = run_dir / f"checkpoint-{step}"
     try:
         with new_folder(final, overwrite=True) as tmp:
-            save_adapter(peft_model, tmp, model_dir, meta)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            save_adapter(peft_model, tmp, model_dir, meta, adapter_state)
+            torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        tmp / STATE_FILE)
@@ -105,7 +106,9 @@ def prune_checkpoints(run_dir: Path, limit: int, keep_best: bool) -> list[Path]:
     return gone
 
 
-def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
+def load_checkpoint(ckpt: Path, peft_model, scheduler) -> tuple[int, dict]:
+    """The adapter weights, schedule and RNG of ``ckpt`` restored; returns (its step, the optimizer state, which is
+    restored once the optimizer is prepared: under FSDP each process then takes its shard of it)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -114,10 +117,9 @@ def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"{ckpt}: adapter keys do not fit the model, e.g. {result.unexpected_keys[:2]}")
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
+    return int(state["step"]), state["optimizer"]

@@ -46,9 +46,10 @@ from ..model.precision import (WEIGHT_ONLY, autocast_precision, default_device, 
 from .checkpoints import (CONFIG_FILE, best_checkpoint, load_checkpoint, prepare_run_dir, prune_checkpoints,
                           save_checkpoint)
 from .config import TrainConfig
-from .heldout import HeldOut, heldout_records
+from .heldout import HeldOut, evaluate_heldout, heldout_records
 from .heldout import share as heldout_share
 from .runlog import RunLog, Throughput, plot_loss, write_data_report
+from .distributed import describe, make_accelerator, optimizer_state, restore_optimizer, sharded, trained_state
 from .runtime import (check_compile, check_quantize, fused_summary, resolve_attn_implementation, resolve_fused_kernels,
                       resolve_fused_loss)
 from .sampler import DropFailed, ResumableBatchSampler
@@ -122,9 +123,6 @@ class TrainingRun:
     def _setup_runtime(self) -> None:
         """Device, precision and the fast-path options, refused here (before RUN_DIR is touched or a model loaded)
         where they cannot apply; the accelerator; the checkpoint to resume from."""
-        from accelerate import Accelerator, DistributedDataParallelKwargs
-        from accelerate.state import AcceleratorState
-
         cfg = self.cfg
         self.device = cfg.device or default_device()
         self.precision, self.precision_why = train_precision(cfg.precision, self.device, cfg.model)
@@ -134,13 +132,7 @@ class TrainingRun:
                                                                self.precision)
         self.fused_loss = resolve_fused_loss(cfg.fused_loss, self.device)
         self.fused_kernels = resolve_fused_kernels(cfg.fused_kernels, self.device, cfg.compile)
-        # One process may run several trainings (a notebook, the tests), each with its own precision; accelerate
-        # keeps the first one's in a process-wide singleton (the distributed state, PartialState, is kept).
-        AcceleratorState._reset_state()
-        # find_unused_parameters: a micro-batch without images leaves the projector without gradients
-        self.accelerator = Accelerator(
-            cpu=self.device == "cpu", mixed_precision=autocast_precision(self.precision),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.accelerator = make_accelerator(self.device, autocast_precision(self.precision))
         acc = self.accelerator
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.resume_from = prepare_run_dir(cfg, self.run_dir, self.is_main)
@@ -253,11 +245,17 @@ class TrainingRun:
         self.scheduler = get_scheduler(
             cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
             num_warmup_steps=math.ceil(cfg.warmup_ratio * self.max_steps), num_training_steps=self.max_steps)
-        self.start_step = (load_checkpoint(self.resume_from, self.peft_model, optimizer, self.scheduler)
-                           if self.resume_from else 0)
+        self.start_step, optimizer_state = (load_checkpoint(self.resume_from, self.peft_model, self.scheduler)
+                                            if self.resume_from else (0, None))
         self.sampler.start = self.start_step * cfg.gradient_accumulation_steps
-        self.loss_module, self.optimizer = self.accelerator.prepare(LlavaLoss(self.peft_model, self.fused_loss),
-                                                                    optimizer)
+        self.loss_module, self.optimizer = self.accelerator.prepare(
+            LlavaLoss(self.peft_model, self.fused_loss, vision_every_step=self.world > 1), optimizer)
+        if optimizer_state is not None:
+            restore_optimizer(self.accelerator, self.loss_module, self.optimizer, optimizer_state)
+        # FSDP2 replaced each parameter by its shard: what clipping and the zero-loss guard see
+        self.trainable = [p for p in self.loss_module.parameters() if p.requires_grad]
+        self.image_params = [p for n, p in self.loss_module.named_parameters()
+                             if p.requires_grad and ("multi_modal_projector" in n or "vision_tower" in n)]
 
     def _report(self) -> None:
         if not self.is_main:
@@ -269,6 +267,7 @@ class TrainingRun:
         compute = "float32" if autocast_precision(self.precision) == "no" else frozen
         print(f"precision {self.precision} on {self.device} ({self.precision_why}): frozen weights in {frozen}, "
               f"computed in {compute}; trained ones (LoRA, projector) in float32")
+        print(f"processes: {describe(self.accelerator)}")
         print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
               f"fused loss {'on' if self.fused_loss else 'off'}, fused kernels {fused_summary(self.fused)}, "
               f"compile {'on' if cfg.compile else 'off'}, quantize "
@@ -302,6 +301,10 @@ class TrainingRun:
             step_loss += loss_sum.detach()
             meter.tokens += int(mb["attention_mask"].sum())
             meter.samples += mb["n_samples"]
+        images = sum(mb["pixel_values"] is not None for mb in micro)
+        if world > 1 and not int(acc.reduce(torch.tensor(images, device=acc.device), reduction="sum")):
+            for p in self.image_params:  # no image in the global batch: no step for them, as on one process
+                p.grad = None  # (the blank image gave them zeros, which AdamW would step on with its momentum)
         self.grad_norm = acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -355,8 +358,8 @@ class TrainingRun:
                 heldout_loss = None
                 if self.heldout is not None and (step % eval_every == 0 or step == max_steps
                                                  or (cfg.save_best and save_now)):
-                    heldout_loss = _evaluate_heldout(self.heldout, self.loss_module, self.accelerator, self.log,
-                                                     step, bar)
+                    heldout_loss = evaluate_heldout(self.heldout, self.loss_module, self.accelerator, self.log,
+                                                    step, bar)
                 if save_now:
                     self.save_checkpoint(step, heldout_loss)
         except RunFailed:
@@ -377,11 +380,14 @@ class TrainingRun:
     def save_checkpoint(self, step: int, heldout_loss: float | None) -> None:
         """checkpoint-N/ (with the held-out loss at N, if measured), the save limit applied, the curve redrawn."""
         self.accelerator.wait_for_everyone()
+        adapter_state = self._adapter_state()  # every process: under FSDP each gives its shards
+        opt_state = optimizer_state(self.accelerator, self.loss_module, self.optimizer)
         if self.is_main:
             meta = {**self.run_meta, "step": step}
             if heldout_loss is not None:
                 meta["heldout_loss"] = heldout_loss
-            save_checkpoint(self.run_dir, step, self._peft(), self.optimizer, self.scheduler, self.cfg.model, meta)
+            save_checkpoint(self.run_dir, step, self._peft(), opt_state, self.scheduler, self.cfg.model, meta,
+                            adapter_state)
             if self.cfg.save_total_limit:
                 prune_checkpoints(self.run_dir, self.cfg.save_total_limit, self.cfg.save_best)
             plot_loss(self.run_dir)
@@ -390,15 +396,20 @@ class TrainingRun:
     def _peft(self):
         return self.accelerator.unwrap_model(self.loss_module).peft_model
 
+    def _adapter_state(self) -> dict | None:
+        """The trained weights gathered whole where the model holds shards (FSDP), else None (the model's own)."""
+        return trained_state(self._peft()) if sharded(self.accelerator) else None
+
     def finish(self) -> None:
         """The final adapter in RUN_DIR (naming the best checkpoint with --save-best), the data report, the curve."""
         self.accelerator.wait_for_everyone()
+        adapter_state = self._adapter_state()
         if self.is_main:
             best = best_checkpoint(self.run_dir) if self.cfg.save_best else None
             meta = {**self.run_meta, "step": self.last_saved}
             if best is not None:
                 meta.update(best_checkpoint=best[0].name, best_heldout_loss=best[1])
-            save_adapter(self._peft(), self.run_dir, self.cfg.model, meta)
+            save_adapter(self._peft(), self.run_dir, self.cfg.model, meta, adapter_state)
             report = write_data_report(self.run_dir, self.n_records, self.parse_errors, duplicate_ids(self.records))
             curve = plot_loss(self.run_dir)
             print(f"adapter written to {self.run_dir} (step {self.last_saved}); loss curve {curve}; "
@@ -414,24 +425,6 @@ def main(cfg: TrainConfig) -> int:
     run.train()
     run.finish()
     return 0
-
-
-def _evaluate_heldout(heldout: HeldOut, loss_module, accelerator, log: RunLog, step: int, bar) -> float:
-    """Held-out loss (logged as eval_loss) and, on the main process, the samples' answers; dropout off meanwhile."""
-    unwrapped = accelerator.unwrap_model(loss_module)  # no DDP forward: no gradient follows
-    unwrapped.eval()
-    try:
-        loss, tokens, skipped = heldout.loss(unwrapped, accelerator)
-        log.skipped(skipped, step)
-        if accelerator.is_main_process:
-            with accelerator.autocast():  # as in training: half-precision frozen weights beside fp32 trained ones
-                heldout.answers(unwrapped.peft_model, step)
-            log.metrics({"step": step, "eval_loss": loss, "eval_tokens": tokens})
-            bar.write(f"step {step}: held-out loss {loss:.4f} over {tokens} tokens")
-    finally:
-        unwrapped.train()
-    accelerator.wait_for_everyone()
-    return loss
 
 
 def _empty_batch(pad_token_id: int) -> dict:
