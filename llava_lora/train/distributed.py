@@ -51,9 +51,11 @@ class Asked:
 def _refuse_one_process_launcher(env=os.environ) -> None:
     """accelerate launch --cpu: one process started (no WORLD_SIZE) where more were asked (MASTER_PORT set)."""
     if "ACCELERATE_USE_CPU" in env and "WORLD_SIZE" not in env and "MASTER_PORT" in env:
-        raise UsageError("accelerate launch --cpu (or use_cpu: true in its config) starts one process, whatever "
-                         "--num_processes and the config's distributed_type say: drop --cpu (without a GPU the "
-                         "processes run on the CPU anyway), or use torchrun --nproc_per_node N")
+        raise UsageError("accelerate launch started one process where more were asked: with --cpu (or use_cpu: "
+                         "true, or distributed_type: NO in its config) it takes its one-process launcher, whatever "
+                         "--num_processes and the config say. Drop --cpu (without a GPU the processes run on the "
+                         "CPU anyway) and give a config: llava-lora config-path ddp|fsdp2; or use torchrun "
+                         "--nproc_per_node N")
 
 
 def _fsdp_on_cpu(accelerator) -> None:
