@@ -92,6 +92,9 @@ def make_accelerator(device: str, mixed_precision: str):
     if asked.strategy.startswith("fsdp") and acc.distributed_type == DistributedType.MULTI_CPU:
         _fsdp_on_cpu(acc)
     ran = strategy(acc)
+    if ran == "fsdp1":
+        raise UsageError("FSDP1 (fsdp_version: 1) is not supported: use FSDP2, as the shipped config does "
+                         "(llava-lora config-path fsdp2)")
     if acc.num_processes != asked.world or ran != asked.strategy:
         raise UsageError(f"the launcher asked for {asked.world} process(es) with {asked.strategy}, but accelerate "
                          f"set up {acc.num_processes} with {ran} ({acc.distributed_type}): check the launch "
@@ -131,11 +134,15 @@ def sharded(acc) -> bool:
     return strategy(acc) in ("fsdp1", "fsdp2", "zero3")
 
 
-def trained_state(peft_model) -> dict:
+def trained_state(acc, loss_module, peft_model) -> dict:
     """name -> whole tensor of every trained parameter, gathered from the shards (every process must call it, in
     the same order): what ``save_pretrained(state_dict=...)`` writes as a plain peft adapter."""
     from torch.distributed.tensor import DTensor
 
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    if strategy(acc) == "zero3":  # DeepSpeed's partitions: accelerate gathers the whole model (untested here)
+        whole = acc.get_state_dict(loss_module)
+        return {n: whole[f"peft_model.{n}"] for n in trained} if acc.is_main_process else {}
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
             for n, p in peft_model.named_parameters() if p.requires_grad}
 
@@ -166,6 +173,9 @@ def optimizer_state(acc, module, optimizer) -> dict:
 
 def restore_optimizer(acc, module, optimizer, state: dict) -> None:
     """``optimizer_state``'s inverse: under FSDP each process keeps its shard of the whole state."""
+    if strategy(acc).startswith("zero"):
+        raise UsageError("--resume under DeepSpeed ZeRO: the checkpoints hold rank 0's share of the optimizer state "
+                         "only; resume under DDP or FSDP2")
     if not sharded(acc):
         optimizer.load_state_dict(state)
         return

@@ -398,7 +398,7 @@ class TrainingRun:
 
     def _adapter_state(self) -> dict | None:
         """The trained weights gathered whole where the model holds shards (FSDP), else None (the model's own)."""
-        return trained_state(self._peft()) if sharded(self.accelerator) else None
+        return trained_state(self.accelerator, self.loss_module, self._peft()) if sharded(self.accelerator) else None
 
     def finish(self) -> None:
         """The final adapter in RUN_DIR (naming the best checkpoint with --save-best), the data report, the curve."""
