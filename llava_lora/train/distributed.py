@@ -120,7 +120,8 @@ def describe(acc) -> str:
     if how == "none":
         return "one process"
     nodes = acc.num_processes // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
-    where = f"{acc.num_processes} processes on {nodes} node{'s' if nodes > 1 else ''} ({acc.state.backend})"
+    n = acc.num_processes
+    where = f"{n} process{'es' if n > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''} ({acc.state.backend})"
     sharding = {"ddp": "the whole model on every process, gradients averaged",
                 "fsdp1": "every weight sharded (FSDP1)",
                 "fsdp2": "every weight sharded, frozen and trained, gathered layer by layer",
