@@ -309,7 +309,7 @@ def run_setting(s: Shape, config, batch: dict, gc_on: bool, device: str, steps: 
                 seed: int, fast: dict) -> tuple[dict, dict]:
     """Build, wrap and train for warmup + steps; return the measurements and the parameter counts."""
     from llava_lora.model.loss import LlavaLoss
-    from llava_lora.train.loop import make_optimizer
+    from llava_lora.train.optim import make_optimizer
 
     # as model/load.load_for_training on cuda; the --device cpu run is an fp32 check of the code path (train itself runs bf16
     # on a CPU since issue 11)

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("llava_lora.infer.generate", "GenerateConfig", "main", "answer one prompt about one image"),
     "export": ("llava_lora.export.merge", "ExportConfig", "main", "fold the adapter into a plain checkpoint"),
     "demo": ("llava_lora.infer.demo", "DemoConfig", "main", "the Gradio side-by-side page"),
+    "config-path": ("llava_lora.train.distributed", "ConfigPathConfig", "main",
+                    "print the path of a shipped accelerate config (ddp, fsdp2, zero2, zero3)"),
     "quickstart": ("llava_lora.tiny.quickstart", "QuickstartConfig", "main", "the whole pipeline offline on tiny models"),
 }
 

@@ -176,16 +176,23 @@ def _readme_commands() -> list[list[str]]:
 
 def test_every_readme_command_is_run_or_parsed():
     """Each `make` target of the README exists (`make quickstart` runs the pipeline, tests/tiny/test_quickstart.py
-    runs it too); each `llava-lora` command names valid flags and values (its paths are the reader's)."""
+    runs it too); each `llava-lora` command names valid flags and values (its paths are the reader's); each launcher
+    line starts `train` with a shipped accelerate config."""
     import re
     from pathlib import Path
 
+    from llava_lora.train.distributed import CONFIGS
+
     commands = _readme_commands()
     targets = set(re.findall(r"(?m)^([a-z-]+):", (Path(__file__).resolve().parent.parent / "Makefile").read_text()))
-    assert {c[0] for c in commands} == {"make", "llava-lora"}
+    assert {c[0] for c in commands} == {"make", "llava-lora", "torchrun", "accelerate"}
     for argv in commands:
         if argv[0] == "make":
             assert argv[1] in targets, argv
+        elif argv[0] in ("torchrun", "accelerate"):  # a launcher of `train` (run by tests/train/test_distributed.py)
+            assert argv[argv.index("-m") + 1:argv.index("-m") + 3] == ["llava_lora", "train"], argv
+            if "config-path" in argv:
+                assert argv[argv.index("config-path") + 1].rstrip(")") in CONFIGS, argv
         else:
             command, cfg = cli.parse(argv[1:])
             assert command in cli.COMMANDS and cfg is not None

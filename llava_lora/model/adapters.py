@@ -206,10 +206,12 @@ def _run_root(path: Path) -> Path:
     return path.parent if path.name.startswith("checkpoint-") else path
 
 
-def save_adapter(peft_model, out: Path, model_dir: str | Path, extra: dict | None = None) -> None:
-    """Write the adapter files into ``out``, each replaced atomically (a reader never sees half a file)."""
+def save_adapter(peft_model, out: Path, model_dir: str | Path, extra: dict | None = None,
+                 state_dict: dict | None = None) -> None:
+    """Write the adapter files into ``out``, each replaced atomically (a reader never sees half a file);
+    ``state_dict``: the trained weights gathered whole, where the model holds only its shards (FSDP)."""
     with new_folder(out, overwrite=False, label="adapter", into=True) as tmp:
-        peft_model.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp, state_dict=state_dict)
         meta = {"llava_lora_version": __version__, "base_model": str(Path(model_dir).resolve()),
                 "base_fingerprint": fingerprint(model_dir), "base_weights": weights_fingerprint(model_dir),
                 **(extra or {})}

@@ -141,21 +141,6 @@ def check_not_finished(ckpt: Path, step: int, max_steps: int) -> None:
                          "nothing to train (to train on, raise --max-steps and pass --resume-changed)")
 
 
-def reschedule(optimizer, fresh, make_scheduler, step: int):
-    """--resume-changed: ``optimizer`` (its restored moments kept) takes the rates and decay of ``fresh`` (an
-    optimizer built from the new settings), and a schedule built from the new settings, at ``step``."""
-    for group, new in zip(optimizer.param_groups, fresh.param_groups):
-        group["lr"] = group["initial_lr"] = new["lr"]
-        group["weight_decay"] = new["weight_decay"]
-    scheduler = make_scheduler(optimizer)  # LambdaLR (every schedule of transformers.get_scheduler here)
-    scheduler.last_epoch = step
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
-    return scheduler
-
-
 def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     """RUN_DIR ready for the run: with --overwrite the old run deleted (checked by ``prepare_run_dir``; called
     once the model and data have loaded), then marked as this tool's."""
@@ -165,18 +150,19 @@ def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     mark(run_dir)
 
 
-def save_checkpoint(run_dir: Path, step: int, peft_model, optimizer, scheduler, model_dir: str,
-                    meta: dict, failed: set[int] | None = None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, peft_model, optimizer_state: dict, scheduler, model_dir: str,
+                    meta: dict, adapter_state: dict | None = None, failed: set[int] | None = None) -> Path:
     """checkpoint-N/: adapter + optimizer, scheduler and RNG state, then its manifest (written last: complete),
     fsynced and renamed into place; its run.json holds ``meta`` (the step, the held-out loss there if one was
-    measured, how the run started); ``failed``: the records a worker could not load, never drawn again after a
-    resume. A write that fails (a full disk) leaves no temporary folder and stops the run
-    with one message naming the folder and the space a checkpoint takes."""
+    measured, how the run started); ``adapter_state``, ``optimizer_state``: whole, gathered from every process's
+    shards under FSDP; ``failed``: the records a worker could not load, never drawn again after a resume. A write
+    that fails (a full disk) leaves no temporary folder and stops the run with one message naming the folder and
+    the space a checkpoint takes."""
     final = run_dir / f"checkpoint-{step}"
     try:
         with new_folder(final, overwrite=True, owned=True) as tmp:
-            save_adapter(peft_model, tmp, model_dir, meta)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            save_adapter(peft_model, tmp, model_dir, meta, adapter_state)
+            torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                         "failed": sorted(failed or ())},
@@ -225,9 +211,10 @@ def prune_checkpoints(run_dir: Path, limit: int, keep_best: bool) -> list[Path]:
     return gone
 
 
-def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler, failed: set[int] | None = None) -> int:
-    """The state of ``ckpt`` loaded into the run's objects (``failed`` gets the records it holds as failed);
-    returns its step."""
+def load_checkpoint(ckpt: Path, peft_model, scheduler, failed: set[int] | None = None) -> tuple[int, dict]:
+    """The adapter weights, schedule and RNG of ``ckpt`` restored (``failed`` gets the records it holds as failed);
+    returns (its step, the optimizer state, which is restored once the optimizer is prepared: under FSDP each
+    process then takes its shard of it)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -236,7 +223,6 @@ def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler, failed: set[in
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"{ckpt}: adapter keys do not fit the model, e.g. {result.unexpected_keys[:2]}")
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
@@ -244,4 +230,4 @@ def load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler, failed: set[in
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     if failed is not None:
         failed.update(int(i) for i in state.get("failed", []))
-    return int(state["step"])
+    return int(state["step"]), state["optimizer"]

@@ -5,7 +5,8 @@
 
 The loss is ``LlavaLoss``'s (the same masking, the same skips) summed over held-out tokens, so it is the number
 ``llava-lora eval`` reports for the same records. Under DDP each process takes every W-th record and the sums are
-reduced: the figure equals a single process's.
+reduced: the figure equals a single process's (under FSDP every process also runs as many forwards and answers
+the samples with the main one, as each forward gathers shards from all).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..data.images import locate_records
 from ..data.records import Record, data_kind, load_records, resolve_data
 from ..errors import Rejected, UsageError
 from ..model.loss import loss_sums
+from .distributed import sharded, whole_root
 
 
 def share(spec: str | None) -> float | None:
@@ -78,20 +80,28 @@ class HeldOut:
         self.batch_size, self.samples = batch_size, records[:samples]
         self.max_new_tokens = max_new_tokens
         self.samples_dir = run_dir / "samples"
+        self.base: dict | None = None  # the base model's answers, once computed
 
-    def loss(self, loss_module, accelerator) -> tuple[float, int, list[Rejected]]:
-        """(mean loss per supervised held-out token over every process, tokens, this process's skips)."""
+    def loss(self, loss_module, accelerator, sharded: bool = False) -> tuple[float, int, list[Rejected]]:
+        """(mean loss per supervised held-out token over every process, tokens, this process's skips). ``sharded``
+        (FSDP): a process whose share is a batch short runs one more forward, discarded, as every process must
+        gather the same shards as often."""
         rank, world = accelerator.process_index, accelerator.num_processes
-        total, tokens, skipped = loss_sums(loss_module, self.dataset, list(range(rank, len(self.dataset), world)),
-                                           self.batch_size, self.processor.tokenizer.pad_token_id,
+        mine = list(range(rank, len(self.dataset), world))
+        pad = self.processor.tokenizer.pad_token_id
+        total, tokens, skipped = loss_sums(loss_module, self.dataset, mine, self.batch_size, pad,
                                            accelerator.device, accelerator.autocast)
+        most = -(-len(range(0, len(self.dataset), world)) // self.batch_size)  # rank 0's share is the largest
+        for _ in range(most - -(-len(mine) // self.batch_size) if sharded else 0):
+            loss_sums(loss_module, self.dataset, [0], 1, pad, accelerator.device, accelerator.autocast)
         sums = accelerator.reduce(torch.tensor([total, tokens], dtype=torch.float64, device=accelerator.device),
                                   reduction="sum")
         total, tokens = float(sums[0]), int(sums[1])
         return (total / tokens if tokens else float("nan")), tokens, skipped
 
-    def answers(self, peft_model, step: int) -> Path | None:
-        """Write samples/step-N.jsonl: each sample's question, reference, base and fine-tuned answers."""
+    def answers(self, peft_model, step: int, write: bool = True) -> Path | None:
+        """Write samples/step-N.jsonl: each sample's question, reference, base and fine-tuned answers (under FSDP
+        every process answers, in step, and only the main one writes: ``write``)."""
         if not self.samples:
             return None
         import json
@@ -100,18 +110,22 @@ class HeldOut:
         from ..infer.engine import GenerationSettings
 
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens)
-        self.samples_dir.mkdir(parents=True, exist_ok=True)
         base_file = self.samples_dir / "base.jsonl"
-        if base_file.is_file():
-            base = {r["id"]: r["base"] for r in map(json.loads, base_file.read_text().splitlines())}
-        else:
+        if self.base is None and base_file.is_file():  # a resumed run's
+            self.base = {r["id"]: r["base"] for r in map(json.loads, base_file.read_text().splitlines())}
+        elif self.base is None:
             preds, _ = predict(peft_model, self.processor, self.samples, self.image_root, settings, self.batch_size,
                                ("base",), progress=False)
-            base = {p.id: p.answers["base"] for p in preds}
-            base_file.write_text("".join(json.dumps({"id": k, "base": v}, ensure_ascii=False) + "\n"
-                                         for k, v in base.items()))
+            self.base = {p.id: p.answers["base"] for p in preds}
+            if write:
+                self.samples_dir.mkdir(parents=True, exist_ok=True)
+                base_file.write_text("".join(json.dumps({"id": k, "base": v}, ensure_ascii=False) + "\n"
+                                             for k, v in self.base.items()))
+        base = self.base
         preds, _ = predict(peft_model, self.processor, self.samples, self.image_root, settings, self.batch_size,
                            ("finetuned",), progress=False)
+        if not write:
+            return None
         out = self.samples_dir / f"step-{step}.jsonl"
         with open(out, "w") as f:
             for p in preds:
@@ -125,12 +139,16 @@ def evaluate_heldout(heldout: HeldOut, loss_module, accelerator, log, step: int,
     """Held-out loss (logged as eval_loss) and, on the main process, the samples' answers; dropout off meanwhile."""
     unwrapped = accelerator.unwrap_model(loss_module)  # no DDP forward: no gradient follows
     unwrapped.eval()
+    every = sharded(accelerator)  # FSDP: every process answers too, gathering the shards the main one needs
     try:
-        loss, tokens, skipped = heldout.loss(unwrapped, accelerator)
+        loss, tokens, skipped = heldout.loss(unwrapped, accelerator, every)
         log.skipped(skipped, step)
+        if accelerator.is_main_process or every:
+            # as in training: half-precision frozen weights beside fp32 trained ones; under FSDP the root's own
+            # weights (embeddings, projector, lm_head) gathered, as generate does not go through its forward
+            with accelerator.autocast(), whole_root(unwrapped, every):
+                heldout.answers(unwrapped.peft_model, step, write=accelerator.is_main_process)
         if accelerator.is_main_process:
-            with accelerator.autocast():  # as in training: half-precision frozen weights beside fp32 trained ones
-                heldout.answers(unwrapped.peft_model, step)
             log.metrics({"step": step, "eval_loss": loss, "eval_tokens": tokens})
             bar.write(f"step {step}: held-out loss {loss:.4f} over {tokens} tokens")
     finally:

@@ -14,7 +14,7 @@ RMSNorm and SwiGLU kernels (kernels/fused.py, ``--fused-kernels``), and in bf16 
 (kernels/attention.py).
 
 This file is the run itself (``TrainingRun``: setup phases, the step, the loop, saving). Beside it: its config
-(config.py), RUN_DIR's checkpoints (checkpoints.py), the fast-path options resolved at start (runtime.py), the
+(config.py), RUN_DIR's checkpoints (checkpoints.py), the optimizer and schedule (optim.py), the fast-path options resolved at start (runtime.py), the
 batch order (sampler.py), held-out evaluation (heldout.py), the guard against learning nothing (watch.py) and the
 logs (runlog.py).
 """
@@ -44,11 +44,13 @@ from ..model.parts import format_param_stats, param_stats
 from ..model.precision import (WEIGHT_ONLY, autocast_precision, default_device, dtype_name, frozen_dtype,
                                train_precision)
 from .checkpoints import (CONFIG_FILE, best_checkpoint, check_not_finished, checkpoints, clear_run_dir,
-                          load_checkpoint, prepare_run_dir, prune_checkpoints, reschedule, save_checkpoint)
+                          load_checkpoint, prepare_run_dir, prune_checkpoints, save_checkpoint)
 from .config import TrainConfig
 from .heldout import HeldOut, evaluate_heldout, heldout_records
 from .heldout import share as heldout_share
+from .optim import make_optimizer, make_scheduler, reschedule
 from .runlog import RunLog, Throughput, plot_loss, write_data_report
+from .distributed import describe, make_accelerator, optimizer_state, restore_optimizer, sharded, trained_state
 from .runtime import (check_compile, check_quantize, fused_summary, resolve_attn_implementation, resolve_fused_kernels,
                       resolve_fused_loss)
 from .sampler import DropFailed, ResumableBatchSampler, estimated_lengths
@@ -86,25 +88,6 @@ def wrap_for_training(model, cfg: TrainConfig):
     return peft_model
 
 
-def make_optimizer(peft_model, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the LoRA matrices and the projector, each group at its own learning rate."""
-    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    lora_params = [p for n, p in named if "lora_" in n]
-    proj_params = [p for n, p in named if "lora_" not in n]
-    groups = [{"params": lora_params, "lr": cfg.learning_rate}] if lora_params else []
-    if proj_params:
-        groups.append({"params": proj_params, "lr": cfg.projector_learning_rate or cfg.learning_rate})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, max_steps: int):
-    """The learning-rate schedule: warm-up over ``warmup_ratio`` of the run, then ``lr_scheduler``'s decay."""
-    from transformers import get_scheduler
-
-    return get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
-                         num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps), num_training_steps=max_steps)
-
-
 class TrainingRun:
     """One training run, in phases a reader can hold in view (after torchtune's single-device LoRA recipe):
     ``setup`` (runtime, data, model, loader, optimizer), ``train_step``, ``train`` (the loop: log, evaluate, save),
@@ -127,9 +110,6 @@ class TrainingRun:
     def _setup_runtime(self) -> None:
         """Device, precision and the fast-path options, refused here (before RUN_DIR is touched or a model loaded)
         where they cannot apply; the accelerator; the checkpoint to resume from."""
-        from accelerate import Accelerator, DistributedDataParallelKwargs
-        from accelerate.state import AcceleratorState
-
         cfg = self.cfg
         self.device = cfg.device or default_device()
         self.precision, self.precision_why = train_precision(cfg.precision, self.device, cfg.model)
@@ -139,13 +119,7 @@ class TrainingRun:
                                                                self.precision)
         self.fused_loss = resolve_fused_loss(cfg.fused_loss, self.device)
         self.fused_kernels = resolve_fused_kernels(cfg.fused_kernels, self.device, cfg.compile)
-        # One process may run several trainings (a notebook, the tests), each with its own precision; accelerate
-        # keeps the first one's in a process-wide singleton (the distributed state, PartialState, is kept).
-        AcceleratorState._reset_state()
-        # find_unused_parameters: a micro-batch without images leaves the projector without gradients
-        self.accelerator = Accelerator(
-            cpu=self.device == "cpu", mixed_precision=autocast_precision(self.precision),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.accelerator = make_accelerator(self.device, autocast_precision(self.precision))
         acc = self.accelerator
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.resume_from, self.resume_changes = prepare_run_dir(cfg, self.run_dir)  # checked; nothing deleted yet
@@ -258,18 +232,24 @@ class TrainingRun:
         cfg = self.cfg
         optimizer = make_optimizer(self.peft_model, cfg)
         self.scheduler = make_scheduler(optimizer, cfg, self.max_steps)
-        self.start_step = 0
+        self.start_step, optimizer_state = (load_checkpoint(self.resume_from, self.peft_model, self.scheduler,
+                                                            self.failed) if self.resume_from else (0, None))
         if self.resume_from:
-            self.start_step = load_checkpoint(self.resume_from, self.peft_model, optimizer, self.scheduler, self.failed)
             check_not_finished(self.resume_from, self.start_step, self.max_steps)
+        self.sampler.start = self.start_step * cfg.gradient_accumulation_steps
+        self.finite = FiniteWatch(cfg.skip_nonfinite)
+        self.loss_module, self.optimizer = self.accelerator.prepare(
+            LlavaLoss(self.peft_model, self.fused_loss, vision_every_step=self.world > 1), optimizer)
+        if optimizer_state is not None:
+            restore_optimizer(self.accelerator, self.loss_module, self.optimizer, optimizer_state)
             if self.resume_changes:  # applied for real: the rates and decay, the schedule recomputed from here
                 self.scheduler = reschedule(optimizer, make_optimizer(self.peft_model, cfg),
                                             lambda o: make_scheduler(o, cfg, self.max_steps), self.start_step)
                 self.run_meta["resumed_with_changes"] = {"step": self.start_step, **self.resume_changes}
-        self.sampler.start = self.start_step * cfg.gradient_accumulation_steps
-        self.finite = FiniteWatch(cfg.skip_nonfinite)
-        self.loss_module, self.optimizer = self.accelerator.prepare(LlavaLoss(self.peft_model, self.fused_loss),
-                                                                    optimizer)
+        # FSDP2 replaced each parameter by its shard: what clipping and the zero-loss guard see
+        self.trainable = [p for p in self.loss_module.parameters() if p.requires_grad]
+        self.image_params = [p for n, p in self.loss_module.named_parameters()
+                             if p.requires_grad and ("multi_modal_projector" in n or "vision_tower" in n)]
 
     def _report(self) -> None:
         if not self.is_main:
@@ -281,6 +261,7 @@ class TrainingRun:
         compute = "float32" if autocast_precision(self.precision) == "no" else frozen
         print(f"precision {self.precision} on {self.device} ({self.precision_why}): frozen weights in {frozen}, "
               f"computed in {compute}; trained ones (LoRA, projector) in float32")
+        print(f"processes: {describe(self.accelerator)}")
         print(f"device {self.device} x{self.world}, precision {self.precision}, attention {self.attn_implementation}, "
               f"fused loss {'on' if self.fused_loss else 'off'}, fused kernels {fused_summary(self.fused)}, "
               f"compile {'on' if cfg.compile else 'off'}, quantize "
@@ -316,6 +297,10 @@ class TrainingRun:
             step_loss += loss_sum.detach()
             meter.tokens += int(mb["attention_mask"].sum())
             meter.samples += mb["n_samples"]
+        images = sum(mb["pixel_values"] is not None for mb in micro)
+        if world > 1 and not int(acc.reduce(torch.tensor(images, device=acc.device), reduction="sum")):
+            for p in self.image_params:  # no image in the global batch: no step for them, as on one process
+                p.grad = None  # (the blank image gave them zeros, which AdamW would step on with its momentum)
         self.grad_norm = acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         mean_loss = float(acc.reduce(step_loss, reduction="sum") / global_supervised)
         if self.finite.allows_update(step, mean_loss, float(self.grad_norm), self._last_good):  # NaN/inf: no update
@@ -396,12 +381,14 @@ class TrainingRun:
     def save_checkpoint(self, step: int, heldout_loss: float | None) -> None:
         """checkpoint-N/ (with the held-out loss at N, if measured), the save limit applied, the curve redrawn."""
         self.accelerator.wait_for_everyone()
+        adapter_state = self._adapter_state()  # every process: under FSDP each gives its shards
+        opt_state = optimizer_state(self.accelerator, self.loss_module, self.optimizer)
         if self.is_main:
             meta = {**self.run_meta, "step": step}
             if heldout_loss is not None:
                 meta["heldout_loss"] = heldout_loss
-            save_checkpoint(self.run_dir, step, self._peft(), self.optimizer, self.scheduler, self.cfg.model, meta,
-                            self.failed)
+            save_checkpoint(self.run_dir, step, self._peft(), opt_state, self.scheduler, self.cfg.model, meta,
+                            adapter_state, self.failed)
             if self.cfg.save_total_limit:
                 prune_checkpoints(self.run_dir, self.cfg.save_total_limit, self.cfg.save_best)
             plot_loss(self.run_dir)
@@ -414,15 +401,20 @@ class TrainingRun:
     def _peft(self):
         return self.accelerator.unwrap_model(self.loss_module).peft_model
 
+    def _adapter_state(self) -> dict | None:
+        """The trained weights gathered whole where the model holds shards (FSDP), else None (the model's own)."""
+        return trained_state(self.accelerator, self.loss_module, self._peft()) if sharded(self.accelerator) else None
+
     def finish(self) -> None:
         """The final adapter in RUN_DIR (naming the best checkpoint with --save-best), the data report, the curve."""
         self.accelerator.wait_for_everyone()
+        adapter_state = self._adapter_state()
         if self.is_main:
             best = best_checkpoint(self.run_dir) if self.cfg.save_best else None
             meta = {**self.run_meta, "step": self.last_saved}
             if best is not None:
                 meta.update(best_checkpoint=best[0].name, best_heldout_loss=best[1])
-            save_adapter(self._peft(), self.run_dir, self.cfg.model, meta)
+            save_adapter(self._peft(), self.run_dir, self.cfg.model, meta, adapter_state)
             report = write_data_report(self.run_dir, self.n_records, self.parse_errors, duplicate_ids(self.records))
             curve = plot_loss(self.run_dir)
             print(f"adapter written to {self.run_dir} (step {self.last_saved}); loss curve {curve}; "

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..data.records import text_pieces
+
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Index batches for one process, from micro-step ``start`` on, forever (a new permutation per epoch).
