@@ -25,7 +25,7 @@ from llava_lora.chat.encode import image_tokens_per_image
 from llava_lora.data.records import load_records
 from llava_lora.errors import UsageError
 from llava_lora.train import checkpoints, distributed
-from llava_lora.train.loop import _estimated_lengths
+from llava_lora.train.sampler import estimated_lengths as _estimated_lengths
 from llava_lora.train.sampler import ResumableBatchSampler
 
 VENV_BIN = Path(sys.executable).parent
