@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "data synth": ("llava_lora.data.synth", "SynthConfig", "main", "write a synthetic LLaVA-format data set"),
     "train": ("llava_lora.train.loop", "TrainConfig", "main", "LoRA fine-tuning of MODEL_DIR on DATA into RUN_DIR"),
     "eval": ("llava_lora.infer.evaluate", "EvalConfig", "main", "base vs fine-tuned on data samples"),
-    "generate": ("llava_lora.infer.generate", "GenerateConfig", "main", "answer one prompt about one image"),
+    "generate": ("llava_lora.infer.generate", "GenerateConfig", "main", "answer one prompt about its image(s)"),
     "export": ("llava_lora.export.merge", "ExportConfig", "main", "fold the adapter into a plain checkpoint"),
     "demo": ("llava_lora.infer.demo", "DemoConfig", "main", "the Gradio side-by-side page"),
     "config-path": ("llava_lora.train.distributed", "ConfigPathConfig", "main",

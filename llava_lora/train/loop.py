@@ -297,7 +297,7 @@ class TrainingRun:
             step_loss += loss_sum.detach()
             meter.tokens += int(mb["attention_mask"].sum())
             meter.samples += mb["n_samples"]
-        images = sum(mb["pixel_values"] is not None for mb in micro)
+        images = sum(mb.get("pixel_values") is not None for mb in micro)
         if world > 1 and not int(acc.reduce(torch.tensor(images, device=acc.device), reduction="sum")):
             for p in self.image_params:  # no image in the global batch: no step for them, as on one process
                 p.grad = None  # (the blank image gave them zeros, which AdamW would step on with its momentum)

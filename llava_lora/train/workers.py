@@ -73,8 +73,8 @@ def stop_for_dead_worker(run, error: BaseException) -> RunFailed:
     names = ", ".join(f"{run.records[i].id} ({run.records[i].image or 'no image'})" for i in held) or "unknown"
     saved = ""
     if run.world == 1 and run.drawn == done:  # no step half done: the weights are those after step `done`
-        save_checkpoint(run.run_dir, done, run._peft(), run.optimizer, run.scheduler, run.cfg.model,
-                        {**run.run_meta, "step": done}, run.failed)
+        save_checkpoint(run.run_dir, done, run._peft(), run.optimizer.state_dict(), run.scheduler, run.cfg.model,
+                        {**run.run_meta, "step": done}, failed=run.failed)
         saved = f" from checkpoint-{done}, which holds them as failed,"
     if run.is_main:
         write_data_report(run.run_dir, run.n_records, run.parse_errors)

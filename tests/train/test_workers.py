@@ -32,14 +32,14 @@ def test_a_dead_worker_names_its_record_and_resume_skips_it(world: Models, tmp_p
     shutil.copy(data / "images_dl" / with_image["image"], data / "images_dl" / "poison.png")
     records.insert(3, {**with_image, "id": "poison", "image": "poison.png"})
     (data / "chat.json").write_text(json.dumps(records))
-    real = batches.open_image
+    real = batches.open_ref
 
-    def decoder_that_crashes(path, *args, **kwargs):
-        if Path(path).name == "poison.png" and torch.utils.data.get_worker_info() is not None:
+    def decoder_that_crashes(store, ref, *args, **kwargs):
+        if Path(ref).name == "poison.png" and torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)  # as a segfault in a decoder, or the OOM killer, would
-        return real(path, *args, **kwargs)
+        return real(store, ref, *args, **kwargs)
 
-    monkeypatch.setattr(batches, "open_image", decoder_that_crashes)
+    monkeypatch.setattr(batches, "open_ref", decoder_that_crashes)
     run = tmp_path / "run"
     args = ["train", "--model", str(world.qwen_model), "--data", str(data), "--out", str(run), *FAST,
             "--num-workers", "1", "--batch-size", "4", "--max-steps", "8", "--save-every", "4", "--precision", "fp32"]
