@@ -8,10 +8,8 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fixtures.models import FAST, Models, quiet
+from fixtures.trained import killed_after_first_checkpoint
 from fixtures.data import write_bad_dataset, write_good_dataset
 from llava_lora import cli
 from llava_lora.chat import encode, prompts
@@ -455,17 +454,7 @@ def test_resume_after_kill_matches_uninterrupted(world: Models, data: Path, tmp_
     a, b = tmp_path / "a", tmp_path / "b"
     assert quiet(cli.main, _train_args(world.qwen_model, data, a, *flags)) == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "llava_lora", *_train_args(world.qwen_model, data, b, *flags)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (b.is_dir() and checkpoints.checkpoints(b)) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    done = [s for s, _ in checkpoints.checkpoints(b)]
+    done = killed_after_first_checkpoint(_train_args(world.qwen_model, data, b, *flags), b)
     assert done and done[-1] < 12 and not (b / "adapter_model.safetensors").exists()
 
     assert quiet(cli.main, _train_args(world.qwen_model, data, b, *flags, "--resume")) == 0

@@ -5,11 +5,6 @@ exact on parquet and shards."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import torch
 import yaml
 from fixtures import formats as F
 from fixtures.models import FAST, Models, quiet
+from fixtures.trained import killed_after_first_checkpoint
 from safetensors.torch import load_file
 
 from llava_lora import cli
@@ -24,7 +20,6 @@ from llava_lora.chat.batches import Collator, TrainDataset
 from llava_lora.chat.encode import image_tokens_per_image
 from llava_lora.data.records import load_records, resolve_data
 from llava_lora.model.loss import LlavaLoss
-from llava_lora.train import checkpoints
 
 
 def _plain_model(model_dir: Path):
@@ -111,17 +106,7 @@ def test_resume_after_kill_is_exact_on_parquet_and_shards(world: Models, tmp_pat
              "--save-every", "3", "--batch-size", "4", "--log-every", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert quiet(cli.main, ["train", *flags, "--out", str(a)]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "llava_lora", "train", *flags, "--out", str(b)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (b.is_dir() and checkpoints.checkpoints(b)) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    done = [s for s, _ in checkpoints.checkpoints(b)]
+    done = killed_after_first_checkpoint(["train", *flags, "--out", str(b)], b)
     assert done and done[-1] < 9 and not (b / "adapter_model.safetensors").exists()
     assert quiet(cli.main, ["train", *flags, "--out", str(b), "--resume"]) == 0
     wa, wb = _adapter(a), _adapter(b)
