@@ -243,8 +243,7 @@ class TrainingRun:
         if optimizer_state is not None:
             restore_optimizer(self.accelerator, self.loss_module, self.optimizer, optimizer_state)
             if self.resume_changes:  # applied for real: the rates and decay, the schedule recomputed from here
-                self.scheduler = reschedule(optimizer, make_optimizer(self.peft_model, cfg),
-                                            lambda o: make_scheduler(o, cfg, self.max_steps), self.start_step)
+                self.scheduler = reschedule(optimizer, self.peft_model, cfg, self.max_steps, self.start_step)
                 self.run_meta["resumed_with_changes"] = {"step": self.start_step, **self.resume_changes}
         # FSDP2 replaced each parameter by its shard: what clipping and the zero-loss guard see
         self.trainable = [p for p in self.loss_module.parameters() if p.requires_grad]

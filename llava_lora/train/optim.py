@@ -29,13 +29,13 @@ def make_scheduler(optimizer, cfg: TrainConfig, max_steps: int):
                          num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps), num_training_steps=max_steps)
 
 
-def reschedule(optimizer, fresh, make_scheduler, step: int):
-    """--resume-changed: ``optimizer`` (its restored moments kept) takes the rates and decay of ``fresh`` (an
-    optimizer built from the new settings), and a schedule built from the new settings, at ``step``."""
-    for group, new in zip(optimizer.param_groups, fresh.param_groups):
+def reschedule(optimizer, peft_model, cfg: TrainConfig, max_steps: int, step: int):
+    """--resume-changed: ``optimizer`` (its restored moments kept) takes the rates and decay of ``cfg`` (those an
+    optimizer built from it would have), and a schedule built from ``cfg``, at ``step``."""
+    for group, new in zip(optimizer.param_groups, make_optimizer(peft_model, cfg).param_groups):
         group["lr"] = group["initial_lr"] = new["lr"]
         group["weight_decay"] = new["weight_decay"]
-    scheduler = make_scheduler(optimizer)  # LambdaLR (every schedule of transformers.get_scheduler here)
+    scheduler = make_scheduler(optimizer, cfg, max_steps)  # LambdaLR (every schedule of get_scheduler here)
     scheduler.last_epoch = step
     lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(optimizer.param_groups, lrs):
