@@ -47,14 +47,21 @@ _WORDS = (
 
 
 def _corpus(n_lines: int = 4000) -> list[str]:
-    """Deterministic training text for the BPE: sentences over a small English vocabulary."""
+    """Deterministic training text for the BPE: sentences over a small English vocabulary, and each word alone
+    on a line, lower-case and capitalised. A chat template puts words at the start of a line ("user\n",
+    "assistant\nlarge"), where the pre-tokeniser gives them no leading space; a real tokenizer has seen them there."""
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(len(_WORDS), (n_lines, 12), generator=g).tolist()
     lines = []
     for i, row in enumerate(idx):
         s = " ".join(_WORDS[j] for j in row)
         lines.append(s.capitalize() + ("?" if i % 3 == 0 else ".") + (" 0123456789" if i % 50 == 0 else ""))
-    return lines
+    return lines + _WORDS + [w.capitalize() for w in _WORDS]
+
+
+# Merges until every corpus word is one token (762 with the specials): the 4 synthetic questions and a ChatML turn
+# take 83 tokens, not 109 at 512, as a real tokenizer's whole-word vocabulary would have them.
+QWEN_BPE_SIZE = 768
 
 
 def train_bpe(vocab_size: int = 512) -> Tokenizer:
@@ -80,7 +87,7 @@ def _fast_tokenizer(specials: list[str], bpe_size: int, **kwargs):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
-def qwen2_tokenizer(bpe_size: int = 512):
+def qwen2_tokenizer(bpe_size: int = QWEN_BPE_SIZE):
     """A Qwen1.5-style tokenizer: BPE vocab, then <|endoftext|>, <|im_start|>, <|im_end|>; ChatML template."""
     from transformers import Qwen2Tokenizer
 

@@ -159,7 +159,8 @@ def test_weight_only_equals_fp32_on_the_same_weights(world: Models, data: Path, 
     got_loss, got_grads = _loss_and_grads(stored, batch)
     assert got_loss == pytest.approx(want_loss, rel=1e-5)
     for g, w in zip(got_grads, want_grads):
-        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+        # chunks change how MKL blocks the sums: fp32 rounding, relative to the gradient's own scale
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
     frozen = {p.dtype for n, p in stored.named_parameters() if not p.requires_grad and p.dim() == 2}
     assert frozen == {torch.bfloat16} and kept["Linear"] > 0 and kept["Embedding"] >= 1
     assert {p.dtype for p in stored.parameters() if p.requires_grad} == {torch.float32}
