@@ -4,8 +4,8 @@
     index = cached(path, lambda: build(path))    # build's JSON value, kept per (path, size, mtime)
 
 ``members`` reads the 512-byte headers itself (a seek and a read each; name, size, type, ustar prefix, checksum,
-pax ``path``/``size`` records, GNU long names), about 4x faster than ``tarfile``, which parses every field of
-every header. A header it does not read (a global pax header, GNU sparse files, base-256 numbers, a bad checksum,
+pax ``path``/``size`` records, GNU long names): 2-3x less CPU than ``tarfile``, which parses every field of every
+header. Either walk reads the whole shard from disk (its headers lie between the images); the cache reads none. A header it does not read (a global pax header, GNU sparse files, base-256 numbers, a bad checksum,
 a truncated shard) hands the whole shard to ``tarfile``, so the result is always tarfile's.
 
 ``cached`` keeps a shard's index in ``$LLAVA_LORA_CACHE`` (default ``$XDG_CACHE_HOME/llava-lora``, else
