@@ -3,12 +3,14 @@ layout the tool reads: chat.json + images_dl/, chat.json + images.zip, parquet w
 
     .venv/bin/python benchmarks/data_open.py              # 595K records, ~160 MB of JSON; --n 20000 for a quick run
     .venv/bin/python benchmarks/data_open.py --layout parquet --layout zip --layout shards --n 20000
+    .venv/bin/python benchmarks/data_open.py --layout parquet --layout zip --layout shards --check-records 60000
 
 For zip, parquet and shards the images' bytes are real copies (about 14 KB per record: 8 GB at 595K per layout);
 the parquet file has row groups of 100 rows (as ``datasets`` writes image sets), the shards 10,000 samples each
 (img2dataset's default), caption-only (``key.jpg`` + ``key.txt``). Their phases: ``open`` (``load_data`` and the
 stat/look-up pass), ``check`` and ``first batch`` (opening, then decoding the images of 8 records drawn at random: the
-data's share of the first training step's latency).
+data's share of the first training step's latency). Shards are opened twice: with an empty index cache (the
+header walk, ``data/tarindex.py``) and then with the index it cached (a cache folder of the benchmark's own).
 
 Writes the set in a temporary folder: ``chat.json`` with CC3M-style records (the 11 LLaVA pretraining
 questions, captions of 5-20 words) and ``images_dl/``, one hard link per record to one of a few JPEGs
@@ -20,7 +22,9 @@ questions, captions of 5-20 words) and ``images_dl/``, one hard link per record 
   (``locate_records``, timed on its own);
 - ``data check``: parse + resolve + decode every image (``check_image``) in a process pool (``--workers``);
   the peak RSS is given for the main process and for the largest worker, the speed per wall-clock second
-  and per CPU-second (the machine may be shared: the load average before each phase is printed).
+  and per CPU-second (the machine may be shared: the load average before each phase is printed). With
+  ``--check-records N`` the whole set is opened and the images of its first N records decoded (the rate is
+  then of those N; opening stays at the full size).
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ def _watch_children(peaks: dict[str, float], stop: threading.Event) -> None:
                     peaks[pid] = max(peaks.get(pid, 0.0), _hwm_mb(pid))
 
 
-def phase(name: str, path: str, workers: int) -> dict:
+def phase(name: str, path: str, workers: int, limit: int = 0) -> dict:
     """Run one phase in this process; returns its figures (printed as JSON by ``--phase``)."""
     import resource
 
@@ -232,12 +236,18 @@ def phase(name: str, path: str, workers: int) -> dict:
         out["locate_seconds"] = time.perf_counter() - t0
         out["records"], out["bad"] = len(kept), len(bad)
     elif name == "check":
-        from llava_lora.data.check import check_file
-        from llava_lora.data.records import resolve_data
+        from llava_lora.data.check import check_records
+        from llava_lora.data.records import load_data, resolve_data
 
         file, root = resolve_data(path)
-        report = check_file(file, root, workers=workers, progress=False)
-        out["records"], out["bad"] = report.total, len(report.bad)
+        loaded = load_data(file)
+        out["open_seconds"] = time.perf_counter() - start
+        checked = loaded.records[:limit] if limit else loaded.records
+        t0 = time.perf_counter()
+        report = check_records(checked, root, workers=workers, progress=False)
+        out["decode_seconds"] = time.perf_counter() - t0
+        out["records"], out["bad"] = len(checked), len(loaded.bad) + len(report.bad)
+        out["images"] = sum(len(r.images) for r in checked)
     elif name == "first batch":
         out.update(_first_batch(path))
     out["seconds"] = time.perf_counter() - start
@@ -246,6 +256,7 @@ def phase(name: str, path: str, workers: int) -> dict:
     # CPU time (this process + its reaped pool workers) does not depend on what else the machine runs
     cpu = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     out["cpu_seconds"] = sum(r.ru_utime + r.ru_stime for r in cpu)
+    out["children_cpu_seconds"] = cpu[1].ru_utime + cpu[1].ru_stime  # the pool's, which only decodes
     out["peak_rss_mb"] = _hwm_mb()
     out["worker_peak_rss_mb"] = max(peaks.values(), default=0.0)
     return out
@@ -267,9 +278,11 @@ def _first_batch(path: str) -> dict:
     return {"records": len(kept), "bad": len(bad), "decode_seconds": time.perf_counter() - opened}
 
 
-def _run_phase(name: str, path: Path, workers: int) -> dict:
-    cmd = [sys.executable, __file__, "--phase", name, "--path", str(path), "--workers", str(workers)]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+def _run_phase(name: str, path: Path, workers: int, check_records: int = 0, cache: Path | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--phase", name, "--path", str(path), "--workers", str(workers),
+           "--check-records", str(check_records)]
+    env = {**os.environ, "LLAVA_LORA_CACHE": str(cache) if cache else "off"}  # shard indexes: the run's own cache
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -278,13 +291,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=595_375, help="records (CC3M-595K has 595,375)")
     ap.add_argument("--workers", type=int, default=0, help="image-check processes; 0: one per core")
     ap.add_argument("--skip-check", action="store_true", help="only time opening the file")
+    ap.add_argument("--check-records", type=int, default=0,
+                    help="data check decodes the images of the first N records only (0: all); opening is of all")
     ap.add_argument("--layout", action="append", choices=["json", "zip", "parquet", "shards"],
                     help="data layout, repeatable (default: json)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
-        print(json.dumps(phase(args.phase, args.path, args.workers)))
+        print(json.dumps(phase(args.phase, args.path, args.workers, args.check_records)))
         return
 
     for layout in args.layout or ["json"]:
@@ -304,18 +319,27 @@ def _bench_layout(layout: str, tmp: Path, args) -> None:
         data, took = write_layout(tmp, args.n, layout)
         size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 2**20
         print(f"{layout}: wrote {args.n:,} records, {size_mb:,.0f} MB in {took:.1f} s ({os.cpu_count()} CPU cores)")
-        phases = ["locate", "first batch"] + ([] if args.skip_check else ["check"])
-    for name in phases:
+        phases = ["locate"] + (["locate"] if layout == "shards" else []) + ["first batch"] \
+            + ([] if args.skip_check else ["check"])
+    cache = tmp / "index-cache"
+    for k, name in enumerate(phases):
         load = os.getloadavg()[0]  # the machine may be shared: a busy one slows the check
-        r = _run_phase(name, path if name in ("json.load", "load_records") else data, args.workers)
-        line = f"{name:>13}: {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  (load avg {load:.1f})"
+        r = _run_phase(name, path if name in ("json.load", "load_records") else data, args.workers,
+                       args.check_records, cache)
+        shown = "locate, cached" if name == "locate" and k == 1 else name
+        line = f"{shown:>14}: {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  (load avg {load:.1f})"
         if name == "locate":
             line += f"\n               of which the stat pass {r['locate_seconds']:.2f} s, {r['bad']} not found"
         if name == "first batch":
             line += f"\n               of which decoding 8 random records' images {r['decode_seconds'] * 1000:.0f} ms"
         if name == "check":
+            if "open_seconds" in r:  # the decoding alone, of the records checked
+                line += (f"\n               opening {r['open_seconds']:.1f} s, then {r['images']:,} images of "
+                         f"{r['records']:,} records decoded in {r['decode_seconds']:.1f} s: "
+                         f"{r['images'] / r['decode_seconds']:,.0f} images/s, "
+                         f"{r['images'] / (r['children_cpu_seconds'] or r['cpu_seconds']):,.0f} per CPU-second decoding")
             line += (f"\n               largest worker {r['worker_peak_rss_mb']:.0f} MB, "
-                     f"{r['records'] / r['seconds']:,.0f} images/s, {r['records'] / r['cpu_seconds']:,.0f} images "
+                     f"{r['records'] / r['seconds']:,.0f} records/s in all, {r['records'] / r['cpu_seconds']:,.0f} "
                      f"per CPU-second, {r['bad']} bad")
         print(line, flush=True)
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, replace
 # carry, so they stay stable; BadRecord and Rejected refuse any other.
 RECORD_REASONS = (  # the record's JSON (data/records.py, formats.py); missing_id: an id given but empty or not a
     # string/number (a record without one is named by its source and position); image_count_mismatch: its images
-    # and its <image> placeholders (or image parts) differ in number
+    # and its <image> placeholders (or image parts) differ in number; misplaced_system_turn: a system turn that is
+    # not the first, or a second one
     "invalid_json", "not_an_object", "missing_id", "bad_image_field", "image_count_mismatch", "no_conversations",
     "bad_turn", "unknown_speaker", "non_string_text", "turns_out_of_order", "no_assistant_answer",
-    "image_token_mismatch",
+    "image_token_mismatch", "misplaced_system_turn",
 )
 IMAGE_REASONS = (  # its image (data/images.py); preprocess_failed: the image processor refused decoded pixels
     "image_path_escapes_root", "missing_image", "not_a_file", "empty_image", "unreadable_image", "not_an_image",

@@ -4,11 +4,21 @@ trained run as well): pytest then uses the module's."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from fixtures.models import Models, good_data, model_world
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shard_index_cache(tmp_path_factory) -> Path:
+    """The shard-index cache of this session (``data/tarindex.py``), never the user's own; inherited by the
+    commands the tests start."""
+    folder = tmp_path_factory.mktemp("llava-lora-cache")
+    os.environ["LLAVA_LORA_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,17 @@ class Encoded:
 def encode(tokenizer, record: Record, image_token_id: int, image_tokens: int, max_length: int | None) -> Encoded:
     """Token ids and labels of a whole conversation.
 
-    Raises ``BadRecord`` with ``empty_supervision`` when no answer token survives, and ``too_long`` when the
-    record cannot fit ``max_length`` without cutting its image tokens or every answer.
+    Raises ``BadRecord`` with ``empty_supervision`` when no answer token survives, ``too_long`` when the
+    record cannot fit ``max_length`` without cutting its image tokens or every answer, and ``encode_failed`` when
+    the chat template itself refuses the conversation (Gemma's refuses a system turn).
     """
-    out = tokenizer.apply_chat_template(messages(record), tokenize=True,
-                                        return_dict=True, return_assistant_tokens_mask=True)
+    from jinja2 import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(messages(record), tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
+    except TemplateError as e:  # the template's own raise_exception(): this record's reason, not the run's end
+        raise BadRecord("encode_failed", f"the chat template refused it: {e}") from None
     ids = np.asarray(out["input_ids"], dtype=np.int64)
     mask = np.asarray(out["assistant_masks"], dtype=bool)
     image_at = np.flatnonzero(ids == image_token_id)

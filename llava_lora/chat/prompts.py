@@ -1,7 +1,8 @@
 """A record as chat messages: the one rendering that training (``encode.encode``), evaluation, generate and
 the demo all start from, so a sample is asked exactly as it was taught.
 
-    messages(record)                        every turn, an image part where each <image> stands (training)
+    messages(record)                        every turn, an image part where each <image> stands (training);
+                                            the record's system prompt first, when it has one
     prompt_and_reference(record)            the turns up to the last answer, and that answer (eval, held-out)
     user_messages("What is it?", images=2)  one question typed by a user (generate, the demo)
     generation_prompt(tokenizer, msgs)      the templated text that asks for the next answer
@@ -31,8 +32,10 @@ def content(text: str, image: bool, image_first: bool = True) -> list[dict]:
 
 
 def messages(record: Record, turns: tuple[Turn, ...] | None = None) -> list[dict]:
-    """Chat messages of ``record`` (or of its first ``turns``)."""
-    return [{"role": turn.role, "content": parts(turn.text)} for turn in (record.turns if turns is None else turns)]
+    """Chat messages of ``record`` (or of its first ``turns``), after its system prompt when it has one: the
+    chat template then writes that one instead of its own default."""
+    system = [] if record.system is None else [{"role": "system", "content": parts(record.system)}]
+    return system + [{"role": t.role, "content": parts(t.text)} for t in (record.turns if turns is None else turns)]
 
 
 def user_messages(question: str, images: int) -> list[dict]:

@@ -50,6 +50,7 @@ class CheckReport:
     usable: list[Record]
     duplicates: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)  # records read per format (formats.py)
+    system_prompts: int = 0  # records that carry their own system prompt (in place of the template's default)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -65,6 +66,7 @@ class CheckReport:
             "bad": [r.as_dict() for r in self.bad],
             "duplicate_ids": self.duplicates,
             "formats": self.formats,
+            "system_prompts": self.system_prompts,
         }
 
 
@@ -155,7 +157,8 @@ def check_file(file: str | Path, root: str | Path, **kwargs: Any) -> CheckReport
     loaded = load_data(file)
     report = check_records(loaded.records, root, **kwargs)
     return CheckReport(total=len(loaded.records) + len(loaded.bad), bad=loaded.bad + report.bad,
-                       usable=report.usable, duplicates=report.duplicates, formats=dict(loaded.formats))
+                       usable=report.usable, duplicates=report.duplicates, formats=dict(loaded.formats),
+                       system_prompts=sum(r.system is not None for r in loaded.records))
 
 
 def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None = None,
@@ -166,6 +169,10 @@ def print_report(report: CheckReport, file: Path, root: Path, out: TextIO | None
           f"(images: {root})", file=out)
     for fmt, n in report.formats.items():  # what was read, and how: a wrong guess shows here, not in training
         print(f"format {fmt} ({n:,} records): {MAPPINGS.get(fmt, fmt)}", file=out)
+    if report.system_prompts:
+        n = report.system_prompts
+        print(f"system turns: {n:,} record{'s' * (n != 1)} carry a system prompt, written by the chat template in "
+              "place of its default", file=out)
     if report.duplicates:
         shown = ", ".join(f"{rid} ({n}x)" for rid, n in list(report.duplicates.items())[:limit])
         more = len(report.duplicates) - limit

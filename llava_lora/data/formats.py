@@ -9,9 +9,13 @@ Detected per record, from its keys (``detect``); ``data check`` prints the forma
 
 In every format the images stand where an ``<image>`` placeholder (or an image part) stands; the record keeps
 those placeholders in its turns' text, one per image, in order. Images and placeholders that disagree in number
-are ``image_count_mismatch``; a placeholder in an answer, ``image_token_mismatch``.
+are ``image_count_mismatch``; a placeholder in an answer or in the system prompt, ``image_token_mismatch``.
 
-    images, turns = parse(raw)        # ((ref, ...), [(role, text with <image>)]), or BadRecord
+A system prompt is a first turn whose speaker is ``system`` (or, as LLaMA-Factory's ``system`` column, a string
+``"system"`` key): the record carries it apart from its turns, and the chat template renders it in place of its
+own default. A system turn anywhere else, or a second one, is ``misplaced_system_turn``.
+
+    images, system, turns = parse(raw)   # ((ref, ...), str | None, [(role, text with <image>)]), or BadRecord
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ MAPPINGS = {
     "caption": "a caption -> one of LLaVA's pretraining instructions (seeded by the key) and the caption as answer",
 }
 
-_SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _IMAGE_TYPES = ("image", "image_url")
 
 
@@ -142,23 +146,50 @@ def _parts_turns(raw: dict, embedded: bool) -> tuple[list[str], list[tuple[str, 
     return images, turns
 
 
-def check_turns(turns: list[tuple[str, str]]) -> None:
-    """Alternating user/assistant from user, ending with a non-empty answer; no <image> in an answer."""
+def check_turns(turns: list[tuple[str, str]], start: int = 0) -> None:
+    """Alternating user/assistant from user, ending with a non-empty answer; no <image> in an answer. ``start``:
+    the first turn's number in the data (1 after a system turn), for the reports."""
+    if not turns:
+        raise BadRecord("no_assistant_answer", "no user or assistant turn")
     for k, (role, text) in enumerate(turns):
         if role != ("user" if k % 2 == 0 else "assistant"):
-            raise BadRecord("turns_out_of_order", f"turn {k} is {role}, expected {'assistant' if k % 2 else 'user'}")
+            raise BadRecord("turns_out_of_order", f"turn {k + start} is {role}, expected "
+                            f"{'assistant' if k % 2 else 'user'}")
         if role == "assistant" and not text.strip():
-            raise BadRecord("no_assistant_answer", f"turn {k} is empty")
+            raise BadRecord("no_assistant_answer", f"turn {k + start} is empty")
         if role == "assistant" and IMAGE_PLACEHOLDER in text:
-            raise BadRecord("image_token_mismatch", f"an <image> in the answer of turn {k}")
+            raise BadRecord("image_token_mismatch", f"an <image> in the answer of turn {k + start}")
     if len(turns) % 2:
-        detail = "no assistant turn" if len(turns) == 1 else f"the last user turn ({len(turns) - 1}) has no answer"
+        detail = ("no assistant turn" if len(turns) == 1 else
+                  f"the last user turn ({len(turns) - 1 + start}) has no answer")
         raise BadRecord("no_assistant_answer", detail)
 
 
+def split_system(raw: dict, turns: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the system prompt or None, the other turns): a leading system turn, else the record's ``"system"``
+    string; ``misplaced_system_turn`` for a system turn after the first, or beside a ``"system"`` field."""
+    system, field = None, raw.get("system")
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    later = next((k + (system is not None) for k, (role, _) in enumerate(turns) if role == "system"), None)
+    if later is not None:
+        raise BadRecord("misplaced_system_turn", f"turn {later} is a system turn: only the first turn may be one"
+                        + (" (and it is one already)" if system is not None else ""))
+    if field is not None:
+        if not isinstance(field, str):
+            raise BadRecord("non_string_text", f"system: {show(field)}")
+        if system is not None:
+            raise BadRecord("misplaced_system_turn", "a system turn and a 'system' field: which one is meant?")
+        system = field
+    if system is not None and IMAGE_PLACEHOLDER in system:
+        raise BadRecord("image_token_mismatch", "an <image> in the system prompt")
+    return system, turns
+
+
 def parse(raw: dict, fmt: str | None = None, embedded: bool = False
-          ) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
-    """(image refs, [(role, text)]) of one raw record in ``fmt`` (detected when None), checked."""
+          ) -> tuple[tuple[str, ...], str | None, list[tuple[str, str]]]:
+    """(image refs, system prompt or None, [(role, text)]) of one raw record in ``fmt`` (detected when None),
+    checked."""
     fmt = fmt or detect(raw)
     if fmt == "parts":
         images, turns = _parts_turns(raw, embedded)
@@ -167,9 +198,11 @@ def parse(raw: dict, fmt: str | None = None, embedded: bool = False
     else:
         images = _image_list(raw, embedded)
         turns = _plain_turns(raw.get("conversations"), ("from", "role"), ("value", "content"))
-    check_turns(turns)
+    system, rest = split_system(raw, turns)
+    check_turns(rest, start=len(turns) - len(rest))
+    turns = rest
     placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if placeholders != len(images):
         raise BadRecord("image_count_mismatch", f"{len(images)} image{'s' * (len(images) != 1)}, "
                         f"{placeholders} <image> placeholder{'s' * (placeholders != 1)}")
-    return tuple(images), turns
+    return tuple(images), system, turns

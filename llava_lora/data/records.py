@@ -15,8 +15,9 @@ named "line N"); its image's, one of ``errors.IMAGE_REASONS`` (see ``images.py``
 Duplicate ids are reported (``data check``, train's data report) and the records still used: LLaVA mixtures
 repeat ids across their sources, and each record is a sample in its own right.
 
-"system" turns are reported as ``unknown_speaker``: a Record has no slot for a system prompt, and dropping
-one silently would train on a different conversation than the data describes (LLaVA data has none).
+A leading "system" turn (or a ``"system"`` string field) is the record's ``system`` prompt, which the chat
+template renders in place of its own default (``chat/prompts.py``); a system turn anywhere else is
+``misplaced_system_turn``. Equal prompts are one string shared by every record that carries them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Record:
     id: str  # the data's id, or the source and position (``chat.json#5``) of a record without one
     images: tuple[str, ...]  # image references in placeholder order (paths under the image root, members, rows)
     turns: tuple[Turn, ...]  # alternating, starting with "user", ending with "assistant"
+    system: str | None = None  # the data's system prompt, None: the chat template's default
 
     @property
     def image(self) -> str | None:
@@ -303,14 +305,17 @@ def parse_record(raw: Any, index: int, _turn_cache: dict | None = None, source: 
     ``errors.RECORD_REASONS``). A record without an id is named ``source#index``; an id given but unusable (an
     empty string, a list) is ``missing_id``.
 
-    ``_turn_cache`` shares equal user Turns between records: CC3M asks the same ~11 questions 595K times.
+    ``_turn_cache`` shares equal user Turns, and equal system prompts, between records: CC3M asks the same ~11
+    questions 595K times, and a set with a system prompt has one or a few.
     """
     if not isinstance(raw, dict):
         raise BadRecord("not_an_object", f"got {show(raw)}")
     rid = record_id(raw, index, source)
     if raw.get("id") is not None and rid == f"{source}#{index}":
         raise BadRecord("missing_id", f"id is {show(raw.get('id'))}")
-    images, turns = parse(raw, fmt, embedded)
+    images, system, turns = parse(raw, fmt, embedded)
+    if system is not None and _turn_cache is not None:
+        system = _turn_cache.setdefault(("system", system), system)  # a tuple key: no user text collides
     out = []
     for role, text in turns:
         if _turn_cache is not None and role == "user":
@@ -320,7 +325,7 @@ def parse_record(raw: Any, index: int, _turn_cache: dict | None = None, source: 
             out.append(turn)
         else:
             out.append(Turn(role, text))
-    return Record(rid, images, tuple(out))
+    return Record(rid, images, tuple(out), system)
 
 
 @dataclass

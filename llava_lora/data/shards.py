@@ -3,10 +3,10 @@
     llava-lora data check shards/                       # a folder of *.tar
     llava-lora data check "shards/{00000..00099}.tar"   # a brace pattern (quoted, so the shell leaves it)
 
-Opening walks each shard's tar headers once (``tarfile``, seeking past the data) and keeps, per sample, where its
-image members' bytes lie (an index of offsets): the sampler draws records in any order, ``--resume`` stays
-exact, and an image is one seek and one read when it is decoded. Only the small ``.json``/``.txt`` members are
-read at opening.
+Opening walks each shard's tar headers once (``tarindex.py``: seeking past the data) and keeps, per sample, where
+its image members' bytes lie (an index of offsets, cached per shard while the shard is unchanged): the sampler
+draws records in any order, ``--resume`` stays exact, and an image is one seek and one read when it is decoded.
+Only the small ``.json``/``.txt`` members are read at opening.
 
 A sample whose ``.json`` carries a conversation (``conversations`` or ``messages``, any format of ``formats.py``)
 is used as it is, its images the sample's image members (in the order of their extensions, ``0.jpg``,
@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadRecord, UsageError
+from . import tarindex
 from .images import as_store
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TEXTS = ("json", "txt")  # the members read at opening: a conversation or a caption
 EMBEDDED = "\0"  # a reference into a shard starts with a NUL, which no path may hold
 # LLaVA's brief-description instructions (llava/instruct: the CC3M-595K and LCS-558K pretraining sets ask these)
 BRIEF_INSTRUCTIONS = (
@@ -90,22 +92,29 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _samples(path: Path) -> dict[str, dict[str, Any]]:
-    """{key: {extension: (offset, size) for images, text for .json/.txt}} of one shard, in member order."""
+    """{key: {extension: (offset, size) for images, text for .json/.txt}} of one shard, in member order (from
+    the cache of ``tarindex.cached`` while the shard is unchanged)."""
+    index = tarindex.cached(path, lambda: _index(path))
+    return {key: {ext: tuple(v) if isinstance(v, list) else v for ext, v in slot.items()}
+            for key, slot in index.items()}
+
+
+def _index(path: Path) -> dict[str, dict[str, Any]]:
+    """``_samples`` as JSON values (offsets as [offset, size]), walked from the shard's headers."""
     samples: dict[str, dict[str, Any]] = {}
     try:
-        with tarfile.open(path, "r:") as tar:  # uncompressed: the bytes lie at fixed offsets, read in place
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                last = ext.rsplit(".", 1)[-1]
-                slot = samples.setdefault(key, {})
-                if last in IMAGE_EXTENSIONS:
-                    slot[ext] = (member.offset_data, member.size)
-                elif last in ("json", "txt"):
-                    slot[ext] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+        found = tarindex.members(path, read=lambda name: _split_name(name)[1].rsplit(".", 1)[-1] in TEXTS)
     except (tarfile.TarError, OSError) as e:
         raise UsageError(f"{path}: not a readable (uncompressed) tar shard: {e}") from None
+    for name, offset, size, data in found:
+        key, ext = _split_name(name)
+        last = ext.rsplit(".", 1)[-1]
+        if last in IMAGE_EXTENSIONS:
+            samples.setdefault(key, {})[ext] = [offset, size]
+        elif data is not None:
+            samples.setdefault(key, {})[ext] = data.decode("utf-8", errors="replace")
+        else:
+            samples.setdefault(key, {})
     return samples
 
 

@@ -179,6 +179,7 @@ def show_one(record: Record, prediction: Prediction | None, skipped: list[dict[s
     """One sample in full: history, question, reference and each answer."""
     shown = ", ".join(ref.replace("\0", "in the data: ") for ref in record.images)  # NUL: a table's or shard's
     lines = [f"id: {record.id}", f"image{'s' * (len(record.images) > 1)}: {shown or '(none: text-only)'}"]
+    lines += [f"system: {record.system}"] if record.system is not None else []
     for turn in record.turns[:-2]:
         lines.append(f"{turn.role}: {turn.text}")
     lines += [f"question: {prompts.question(record)}", f"reference: {record.turns[-1].text}"]

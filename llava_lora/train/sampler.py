@@ -69,7 +69,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
 def estimated_lengths(records, image_tokens: int) -> list[int]:
     """Token counts guessed from characters (~3.5 per token): enough to group by length, and free."""
-    return [image_tokens * len(r.images) + sum(len(p) for t in r.turns for p in text_pieces(t.text)) * 2 // 7
+    return [image_tokens * len(r.images)
+            + (sum(len(p) for t in r.turns for p in text_pieces(t.text)) + len(r.system or "")) * 2 // 7
             for r in records]
 
 

@@ -88,6 +88,38 @@ def test_format_kept_and_prompt_is_a_prefix_of_training_text(composed: dict[str,
         assert tok.apply_chat_template(msgs, tokenize=False).startswith(prompt)
 
 
+SYSTEM = Record("system", ("a.png",), RECORDS[0].turns, system="Answer as a pirate would, in one word.")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_system_prompt_is_written_by_the_family_and_never_supervised(composed: dict[str, Path], family: str):
+    """A record's system prompt goes to the family's own template (in place of its default: Qwen2.5's "You are
+    Qwen"), its tokens are not supervised; a template that refuses a system role refuses the record by name."""
+    from llava_lora.chat.encode import encode
+    from llava_lora.errors import BadRecord
+
+    tok = _tokenizer(composed[family])
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if family == "mistral":  # Mistral v0.2's template raises on any role but user and assistant
+        with pytest.raises(BadRecord, match="chat template refused") as err:
+            encode(tok, SYSTEM, image_id, 4, None)
+        assert err.value.reason == "encode_failed"
+        return
+    msgs = prompts.messages(SYSTEM)
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    own = tok.apply_chat_template(templates._flat(msgs, "<image>"), chat_template=FAMILIES[family].template,
+                                  tokenize=False)
+    plain = tok.apply_chat_template(prompts.messages(RECORDS[0]), tokenize=False)
+    assert text == own and SYSTEM.system in text and SYSTEM.system not in plain
+    assert ("You are Qwen" in plain) == (family == "qwen2.5") and "You are Qwen" not in text
+    enc = encode(tok, SYSTEM, image_id, 4, None)
+    supervised = tok.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != -100])
+    assert supervised == "yellow" + FAMILIES[family].end_of_turn
+    asked, _ = prompts.prompt_and_reference(SYSTEM)  # eval and the held-out answers ask with it too
+    assert SYSTEM.system in prompts.generation_prompt(tok, asked) and text.startswith(
+        prompts.generation_prompt(tok, asked))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains(composed: dict[str, Path], family: str, tmp_path: Path, tmp_path_factory, capsys):

@@ -115,6 +115,58 @@ def test_resume_after_kill_is_exact_on_parquet_and_shards(world: Models, tmp_pat
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4, rtol=0), k
 
 
+SYSTEM = "You are a careful annotator of coloured shapes."
+
+
+def _with_system_turns(path: Path) -> Path:
+    """Every other record of a ShareGPT file given a leading system turn (the TRL / LLaMA-Factory layout)."""
+    records = json.loads(path.read_text())
+    for k, record in enumerate(records):
+        if k % 2 == 0:
+            record["messages"].insert(0, {"role": "system", "content": SYSTEM})
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_a_system_turn_trains_in_place_of_the_default_and_is_not_supervised(world: Models, tmp_path: Path):
+    import re
+
+    file, store = resolve_data(str(_with_system_turns(F.write_sharegpt(tmp_path / "sg", F.sample_items(4)))))
+    records, bad = load_records(file)
+    assert not bad and [r.system for r in records] == [SYSTEM, None, SYSTEM, None]
+    model, processor = _plain_model(world.qwen_model)
+    tok = processor.tokenizer
+    dataset = TrainDataset(records, store, processor, model.config.image_token_id,
+                           image_tokens_per_image(model.config), None)
+    with_system, plain = tok.decode(dataset[0]["input_ids"]), tok.decode(dataset[1]["input_ids"])
+    default = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", plain, re.S).group(1)
+    assert default and default not in with_system and f"<|im_start|>system\n{SYSTEM}<|im_end|>" in with_system
+    ids, labels = dataset[0]["input_ids"], dataset[0]["labels"]
+    assert tok.decode(ids[labels != -100]) == records[0].turns[1].text + "<|im_end|>"  # the answer only
+    batch = Collator(tok.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    total, tokens = LlavaLoss(model)(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels",
+                                                             "pixel_values")})
+    total.backward()
+    assert torch.isfinite(total) and tokens == int((batch["labels"] != -100).sum())
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_system_turns_go_through_data_check_train_and_eval(world: Models, tmp_path: Path, capsys):
+    data = _with_system_turns(F.write_sharegpt(tmp_path / "sg", F.sample_items(8)))
+    assert cli.main(["data", "check", str(data), "--workers", "1", "--model", str(world.qwen_model)]) == 0
+    assert "system turns: 4 records carry a system prompt" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert quiet(cli.main, ["train", "--model", str(world.qwen_model), "--data", str(data), "--out", str(run), *FAST,
+                            "--max-steps", "2", "--batch-size", "4", "--eval-data", str(data),
+                            "--eval-every", "2"]) == 0
+    assert json.loads((run / "data_report.json").read_text())["skipped"] == 0
+    out = tmp_path / "eval"
+    assert quiet(cli.main, ["eval", "--model", str(world.qwen_model), "--adapter", str(run), "--data", str(data),
+                            "--limit", "4", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["skipped"] == []
+
+
 def test_max_length_counts_every_image_and_never_cuts_the_last(world: Models):
     from transformers import AutoConfig, AutoTokenizer
 
