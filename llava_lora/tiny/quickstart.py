@@ -29,6 +29,9 @@ TRAIN_IMAGES, TEST_IMAGES = 3000, 200  # the held-out figure is over 200 questio
 # at seeds 0/1/2 in 1,200 steps with a 128-wide LM and a 64-wide tower; 80% at 64/64, seed 0): a random frozen
 # tower's features are random projections, and 128 of them keep more of each patch than 64 (92/82/90% at 128/128).
 WIDTH = 128
+# The tower's last layer (LLaVA's -2 is the second-to-last): of a 2-layer random tower, -2 keeps one layer's features.
+# Shape held out at 1,250 steps, seeds 0/1/2: 100/96/96% native and 98/88/84% without native bf16 at -1, against
+# 88/94/76% and 98/98/90% at -2 (docs/performance.md).
 FEATURE_LAYER = -1
 
 
@@ -90,9 +93,6 @@ def main(cfg: QuickstartConfig) -> int:
     print(f"wrote {sources}/qwen2 and {sources}/clip")
 
     _step("2/5 llava-lora build")
-    # The tower's last layer (LLaVA's -2 is the second-to-last): of a 2-layer random tower, -2 keeps one layer's
-    # features. Shape held out at 1,250 steps, seeds 0/1/2: 100/96/96% native and 98/88/84% without native bf16 at -1,
-    # against 88/94/76% and 98/98/90% at -2.
     build.main(build.BuildConfig(llm=str(sources / "qwen2"), vision=str(sources / "clip"), out=str(out / "model"),
                                  vision_feature_layer=FEATURE_LAYER))
 
