@@ -28,8 +28,9 @@ EVAL_FILES = [".llava-lora", "eval.yaml", "predictions.jsonl", "report.md", "sum
 EXPORT_FILES = [".llava-lora", "chat_template.jinja", "config.json", "export.json", "export.yaml", "generation_config.json",
                 "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json"]
 SYNTH_FILES = [".llava-lora", "chat.json", "images_dl", "synth.yaml", "test.json"]
-# fp32, seed 42, no dropout, batch 4 over the 24-record good_data set: the first three steps' mean losses
-PINNED_LOSSES = [15.73534107208252, 13.294145584106445, 14.057967185974121]
+# fp32, seed 42, no dropout, batch 4 over the 24-record good_data set: the first three steps' mean losses (moved
+# when the tiny tokenizer learned whole words: other token ids, fewer tokens a record)
+PINNED_LOSSES = [16.822669982910156, 16.185888290405273, 14.527536392211914]
 
 
 def _names(folder: Path) -> list[str]:
