@@ -148,9 +148,9 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "llava_lora", "quickstart", "--out", str(work), "--overwrite"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    from llava_lora.model.precision import cpu_half_native
+    from llava_lora.model.precision import cpu_half_fast
 
-    print(f"CPU: {cpu}; {cpu_half_native()[1]}")
+    print(f"CPU: {cpu}; {cpu_half_fast()[1]}")
     for r in matmuls():
         print(f"matmul, oneDNN {'on ' if r['oneDNN'] else 'off'}: fp32 {r['fp32_2048']:.1f} GFLOP/s, bf16 "
               f"{r['bf16_1024']:.2f} GFLOP/s ({r['bf16_1024'] / r['fp32_2048']:.3f}x fp32)", flush=True)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llava_lora.kernels import weight_only  # noqa: E402
-from llava_lora.model.precision import cpu_half_native  # noqa: E402
+from llava_lora.model.precision import cpu_half_fast  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(1)
-    native, why = cpu_half_native()
+    native, why = cpu_half_fast()
     print(f"cpu: {cpu_name()}; native bf16: {native} ({why}); 1 thread; "
           f"weight [{args.rows}, {args.cols}]")
     weight = torch.randn(args.rows, args.cols).bfloat16()

@@ -1,11 +1,13 @@
-"""Dtypes and precision, in one place: the table of dtype names, what this CPU computes natively (asked of torch),
+"""Dtypes and precision, in one place: the table of dtype names, what this CPU computes fast (asked of torch, measured),
 whether a model fits in fp32, the precision a training run computes in (``train_precision``) and the dtype inference
 loads in (``inference_dtype``): fast on every CPU (``cpu_policy``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +39,7 @@ PrecisionName = Literal[("auto", *PRECISION_DTYPES, WEIGHT_ONLY)]  # train --pre
 
 def load_dtype_field() -> Any:
     """The ``--dtype`` field of the commands that load a model for inference (eval, generate, demo)."""
-    return field("auto", help=f"auto (the checkpoint's own dtype; on a CPU without native bf16, float32 where the "
+    return field("auto", help=f"auto (the checkpoint's own dtype; on a CPU without fast bf16, float32 where the "
                               f"model fits in half the free memory, else {WEIGHT_ONLY}), {', '.join(DTYPES)}, "
                               f"{WEIGHT_ONLY} (bfloat16 weights computed in float32)")
 
@@ -61,29 +63,66 @@ def cpu_bf16_flags() -> list[str]:
     return [f for f in NATIVE_BF16_FLAGS if f in flags]
 
 
-def cpu_half_native(half: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
-    """(whether torch runs this CPU's ``half`` matmuls natively, why), asked of torch itself: a bf16 matmul goes to
-    oneDNN only where oneDNN is enabled and supports bf16 here (AVX-512); elsewhere, or with oneDNN switched off,
-    it takes ATen's reference kernel, 100-300x slower than fp32. oneDNN on AVX-512 without the bf16 instructions
-    emulates them: no faster than fp32 either. float16 is native only where oneDNN has it (AVX512-FP16, AMX-FP16)."""
+# bf16 is taken on a CPU only where its matmuls measure at least this multiple of fp32's speed here: some AVX512-BF16
+# CPUs without AMX run oneDNN's bf16 matmuls at about half fp32's (an Intel Xeon: 153 against 274 GFLOP/s at 2048^3).
+BF16_MIN_SPEEDUP = 1.0
+_PROBE = (256, 1024, 1024)  # m, k, n: ~0.5 GFLOP a matmul, a few ms at oneDNN's speed on one thread
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_gflops(half: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+    """(fp32, ``half``) matmul GFLOP/s measured here on one thread, best of 8 each after a warm-up, interleaved:
+    ~0.1 s, once a process. One thread needs one free core, so a busy machine (a data worker, another run) rarely
+    touches the best time; the ratio is the same on two threads. Only called where oneDNN takes ``half`` (never the
+    reference kernel, where one probe would take seconds)."""
+    m, k, n = _PROBE
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    pairs = {torch.float32: (a, b), half: (a.to(half), b.to(half))}
+    best = dict.fromkeys(pairs, math.inf)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(9):
+            for dtype, (x, y) in pairs.items():
+                t = time.perf_counter()
+                x @ y
+                best[dtype] = min(best[dtype], time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return tuple(2 * m * k * n / best[dtype] / 1e9 for dtype in (torch.float32, half))  # type: ignore[return-value]
+
+
+def cpu_half_fast(half: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
+    """(whether torch computes this CPU's ``half`` matmuls natively and faster than fp32, why), asked of torch and
+    measured: a bf16 matmul goes to oneDNN only where oneDNN is enabled and supports bf16 here (AVX-512); elsewhere,
+    or with oneDNN switched off, it takes ATen's reference kernel, 100-300x slower than fp32. oneDNN on AVX-512
+    without the bf16 instructions emulates them, and with them it is not always faster than fp32 (without AMX): the
+    matmul is timed (``matmul_gflops``). float16 is native only where oneDNN has it (AVX512-FP16, AMX-FP16)."""
     name = "bf16" if half == torch.bfloat16 else "fp16"
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False, f"oneDNN is off, so torch's {name} matmuls take the reference kernel (~1/100 of fp32's speed)"
     if half == torch.float16:
-        if torch.ops.mkldnn._is_mkldnn_fp16_supported():
-            return True, "this CPU computes fp16 natively (oneDNN)"
-        return False, "this CPU has no native fp16: torch's fp16 matmuls take the reference kernel"
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False, ("this CPU has no native bf16 (torch sends bf16 matmuls to oneDNN only with AVX-512): they "
-                       "take the reference kernel, ~1/100 of fp32's speed")
-    flags = cpu_bf16_flags()
-    if not flags:
-        return False, f"this CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS[:2])}): oneDNN emulates it"
-    return True, f"this CPU computes bf16 natively ({', '.join(flags)})"
+        if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            return False, "this CPU has no native fp16: torch's fp16 matmuls take the reference kernel"
+        native = "this CPU computes fp16 natively (oneDNN"
+    else:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False, ("this CPU has no native bf16 (torch sends bf16 matmuls to oneDNN only with AVX-512): they "
+                           "take the reference kernel, ~1/100 of fp32's speed")
+        flags = cpu_bf16_flags()
+        if not flags:
+            return False, f"this CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS[:2])}): oneDNN emulates it"
+        native = f"this CPU computes bf16 natively ({', '.join(flags)}"
+    fp32, fast = matmul_gflops(half)
+    speed = f"{name} matmuls at {fast / fp32:.2f}x fp32's here: {fast:.0f} against {fp32:.0f} GFLOP/s measured"
+    if fast < BF16_MIN_SPEEDUP * fp32:
+        return False, f"{native}, but slower than fp32: {speed})"
+    return True, f"{native}; {speed})"
 
 
-def cpu_has_native_bf16() -> bool:
-    return cpu_half_native()[0]
+def cpu_bf16_fast() -> bool:
+    return cpu_half_fast()[0]
 
 
 def memory_available() -> int:
@@ -141,11 +180,11 @@ def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
 
 def cpu_policy(model_dir: str | Path | None, half: torch.dtype = torch.bfloat16) -> tuple[str, str]:
     """(mode, why) that is fast on this CPU for a model in ``half`` precision: "half" where the CPU computes it
-    natively; else "fp32" where the model fits in fp32 with room to spare, and "weights" (frozen weights stored in
+    natively and faster than fp32; else "fp32" where the model fits in fp32 with room to spare, and "weights" (frozen weights stored in
     ``half``, computed in fp32: kernels/weight_only.py) where it does not. Training, the held-out evaluation during it,
     eval, generate, demo and export all decide by it."""
-    native, why = cpu_half_native(half)
-    if native:
+    fast, why = cpu_half_fast(half)
+    if fast:
         return "half", f"auto: {why}"
     fits, size = fp32_fits(model_dir)
     if fits:

@@ -60,8 +60,8 @@ class TrainConfig:
     gradient_checkpointing: bool = field(True, help="recompute the language model's activations in backward")
     precision: PrecisionName = field(
         "auto", help=f"compute and frozen-weight precision ({WEIGHT_ONLY}: frozen weights stored in bf16, computed in "
-                     "fp32); auto: bf16 on a GPU that has it and on a CPU that computes it natively (AVX512-BF16/AMX); "
-                     f"on other CPUs fp32 where the model fits in half the free memory, else {WEIGHT_ONLY}")
+                     "fp32); auto: bf16 on a GPU that has it and on a CPU that computes it natively and faster than "
+                     f"fp32 (AVX512-BF16/AMX, timed); on other CPUs fp32 where the model fits in half the free memory, else {WEIGHT_ONLY}")
     max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their "
                                                      "text, never in image tokens, or skipped")
     group_by_length: bool = field(True, help="batch samples of similar length together (less padding)")
@@ -69,6 +69,8 @@ class TrainConfig:
     log_every: int = field(10, help="log metrics every this many steps")
     seed: int = field(42, help="seed of the data order, LoRA init and dropout")
     num_workers: int = field(2, help="DataLoader worker processes (image decoding, tokenisation)")
+    sample_cache_mb: int = field(0, help="keep up to this many MB of prepared samples (token ids, pixels) in each "
+                                         "data process, so that later epochs skip decoding and templating; 0: off")
     device: str | None = device_field()
     num_threads: int | None = field(None, help="CPU threads for the model's kernels (default: torch's, one per "
                                                "core); 1 can be faster for tiny models beside a data worker")
@@ -121,7 +123,7 @@ class TrainConfig:
                                            "eval_max_new_tokens"),
         "checkpoints and logs": ("save_every", "save_total_limit", "save_best", "log_every", "tensorboard"),
         "kernels and devices": ("attn_implementation", "fused_loss", "fused_kernels", "compile", "quantize", "device",
-                                "num_threads", "num_workers"),
+                                "num_threads", "num_workers", "sample_cache_mb"),
     }
 
     def __post_init__(self):
@@ -137,6 +139,7 @@ class TrainConfig:
             (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
             (self.save_every > 0 and self.log_every > 0, "save_every and log_every must be positive"),
             (self.max_length > 0, "max_length must be positive"), (self.skip_nonfinite >= 0, "skip_nonfinite >= 0"), (self.num_workers >= 0, "num_workers >= 0"),
+            (self.sample_cache_mb >= 0, "sample_cache_mb >= 0"),
             (self.num_threads is None or self.num_threads > 0, "num_threads must be positive"),
             (self.eval_every is None or self.eval_every > 0, "eval_every must be positive"),
             (self.eval_samples >= 0 and self.eval_max_new_tokens > 0, "eval_samples >= 0, eval_max_new_tokens > 0"),

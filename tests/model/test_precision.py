@@ -46,7 +46,7 @@ def onednn_off():
 def test_onednn_off_is_no_native_bf16_whatever_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(modeling, "cpu_bf16_flags", lambda: ["avx512_bf16"])
     with onednn_off():
-        native, why = modeling.cpu_half_native()
+        native, why = modeling.cpu_half_fast()
     assert not native and "oneDNN is off" in why and "reference kernel" in why
 
 
@@ -54,7 +54,7 @@ def test_torch_that_sends_no_bf16_to_onednn_is_no_native_bf16(monkeypatch):
     monkeypatch.setattr(modeling, "cpu_bf16_flags", lambda: ["avx512_bf16"])  # the flag alone does not decide
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with torch.backends.mkldnn.flags(enabled=True):  # as on an AVX2 host, whichever kind runs the test
-        native, why = modeling.cpu_half_native()
+        native, why = modeling.cpu_half_fast()
     assert not native and "AVX-512" in why
 
 
@@ -77,9 +77,35 @@ def test_auto_on_a_cpu_without_native_bf16_stores_bf16_where_fp32_does_not_fit(w
 
 
 def test_auto_on_a_cpu_with_native_bf16_is_bf16(world: Models, monkeypatch):
-    monkeypatch.setattr(modeling, "cpu_half_native", lambda half=torch.bfloat16: (True, "natively (test)"))
+    monkeypatch.setattr(modeling, "cpu_half_fast", lambda half=torch.bfloat16: (True, "natively (test)"))
     assert modeling.train_precision("auto", "cpu", world.qwen_model) == ("bf16", "auto: natively (test)")
     assert modeling.inference_dtype("auto", world.qwen_model, "cpu")[:2] == (torch.bfloat16, False)
+
+
+def test_avx512_bf16_slower_than_fp32_here_is_fp32(world: Models, monkeypatch):
+    """An AVX512-BF16 Xeon without AMX ran oneDNN's bf16 matmuls at 0.57x fp32's: the flag alone does not make bf16
+    the fast path; the measured matmuls decide, and the start line gives the figures."""
+    monkeypatch.setattr(modeling, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(modeling, "matmul_gflops", lambda half=torch.bfloat16: (141.0, 80.0))
+    with torch.backends.mkldnn.flags(enabled=True):
+        fast, why = modeling.cpu_half_fast()
+        precision, train_why = modeling.train_precision("auto", "cpu", world.qwen_model)
+        dtype, upcast, _ = modeling.inference_dtype("auto", world.qwen_model, "cpu")
+    assert not fast and "avx512_bf16" in why and "slower than fp32" in why and "80 against 141 GFLOP/s" in why
+    assert precision == "fp32" and "fits in 50% of the" in train_why and (dtype, upcast) == (torch.float32, False)
+    monkeypatch.setattr(modeling, "matmul_gflops", lambda half=torch.bfloat16: (141.0, 300.0))
+    with torch.backends.mkldnn.flags(enabled=True):
+        fast, why = modeling.cpu_half_fast()
+    assert fast and why.startswith("this CPU computes bf16 natively (avx512_bf16; bf16 matmuls at 2.13x fp32's")
+
+
+def test_matmul_probe_measures_both_dtypes():
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("bf16 matmuls take the reference kernel here: auto never times them (the test above)")
+    threads = torch.get_num_threads()
+    fp32, bf16 = modeling.matmul_gflops.__wrapped__(torch.bfloat16)
+    assert fp32 > 1 and bf16 > 1 and torch.get_num_threads() == threads  # the one-thread probe restores threads
 
 
 def test_asked_for_precisions_are_kept(world: Models):

@@ -195,7 +195,7 @@ def test_run_keeps_frozen_weights_in_bf16_and_trains_fp32_masters(run: _Run):
     bf16 the tiny model fits in fp32, and auto trains it in fp32 throughout (tests/model/test_precision.py)."""
     from llava_lora.model import precision as modeling
 
-    native = modeling.cpu_has_native_bf16()
+    native = modeling.cpu_bf16_fast()
     frozen = torch.bfloat16 if native else torch.float32
     assert run.dtypes == {"frozen": {frozen}, "LoRA": {torch.float32}, "projector": {torch.float32}}
     line = next(l for l in run.printed.splitlines() if l.startswith("precision "))
@@ -209,9 +209,9 @@ def test_run_keeps_frozen_weights_in_bf16_and_trains_fp32_masters(run: _Run):
 def test_precision_auto_says_which_and_why(monkeypatch):
     from llava_lora.model import precision as modeling
 
-    monkeypatch.setattr(modeling, "cpu_half_native", lambda half=torch.bfloat16: (True, "natively (avx512_bf16)"))
+    monkeypatch.setattr(modeling, "cpu_half_fast", lambda half=torch.bfloat16: (True, "natively (avx512_bf16)"))
     assert modeling.train_precision("auto", "cpu") == ("bf16", "auto: natively (avx512_bf16)")
-    monkeypatch.setattr(modeling, "cpu_half_native", lambda half=torch.bfloat16: (False, "no native bf16 (test)"))
+    monkeypatch.setattr(modeling, "cpu_half_fast", lambda half=torch.bfloat16: (False, "no native bf16 (test)"))
     precision, why = modeling.train_precision("auto", "cpu")  # no MODEL_DIR: its size is unknown, fp32
     assert precision == "fp32" and why.startswith("auto: no native bf16 (test)")
     assert modeling.train_precision("fp32", "cpu") == ("fp32", "asked for")
