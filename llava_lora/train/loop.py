@@ -204,7 +204,7 @@ class TrainingRun:
         cfg, config = self.cfg, self.model.config
         image_tokens = image_tokens_per_image(config)
         dataset = TrainDataset(self.records, self.image_root, self.processor, config.image_token_id, image_tokens,
-                               cfg.max_length, self.sources)
+                               cfg.max_length, self.sources, cache_bytes=cfg.sample_cache_mb << 20)
         self.heldout = None
         if self.held is not None:
             held_dataset = TrainDataset(self.held, self.held_root, self.processor, config.image_token_id,

@@ -188,3 +188,23 @@ def test_max_length_counts_every_image_and_never_cuts_the_last(world: Models):
     with pytest.raises(BadRecord) as e:
         encode.encode(tok, Record("x", ("a.png",), record.turns), config.image_token_id, n, None)
     assert e.value.reason == "image_token_mismatch"  # the encoder's own check: 2 placeholders for 1 image
+
+
+def test_sample_cache_serves_equal_samples_within_its_budget(world: Models, tmp_path: Path):
+    """--sample-cache-mb: a kept sample equals a remade one, and no more is kept than the budget holds."""
+    file, store = resolve_data(str(F.write_parquet(tmp_path / "pq", F.sample_items(6))))
+    records = load_records(file)[0]
+    _, processor = _plain_model(world.qwen_model)
+    args = (records, store, processor, processor.tokenizer.convert_tokens_to_ids("<image>"), 16, None)
+    plain = TrainDataset(*args)
+    first = plain[0]
+    size = first["input_ids"].nbytes + first["labels"].nbytes + first["pixel_values"].nbytes
+    cached = TrainDataset(*args, cache_bytes=size)  # room for one such sample
+    kept = [cached[i] for i in range(len(records))]
+    assert list(cached.cache) == [0] and cached[0] is kept[0]  # the second draw is the kept object
+    for i, sample in enumerate(kept):
+        fresh = plain[i]
+        assert (sample["input_ids"] == fresh["input_ids"]).all() and (sample["labels"] == fresh["labels"]).all()
+        pixels = sample["pixel_values"], fresh["pixel_values"]
+        assert pixels == (None, None) if pixels[0] is None else torch.equal(*pixels)
+    assert not TrainDataset(*args).cache_room  # off by default: nothing kept
