@@ -83,11 +83,12 @@ def matmul_gflops(half: torch.dtype = torch.bfloat16) -> tuple[float, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(9):
+        for rep in range(9):  # the first round warms up and is not counted
             for dtype, (x, y) in pairs.items():
                 t = time.perf_counter()
                 x @ y
-                best[dtype] = min(best[dtype], time.perf_counter() - t)
+                if rep:
+                    best[dtype] = min(best[dtype], time.perf_counter() - t)
     finally:
         torch.set_num_threads(threads)
     return tuple(2 * m * k * n / best[dtype] / 1e9 for dtype in (torch.float32, half))  # type: ignore[return-value]
@@ -180,8 +181,8 @@ def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
 
 def cpu_policy(model_dir: str | Path | None, half: torch.dtype = torch.bfloat16) -> tuple[str, str]:
     """(mode, why) that is fast on this CPU for a model in ``half`` precision: "half" where the CPU computes it
-    natively and faster than fp32; else "fp32" where the model fits in fp32 with room to spare, and "weights" (frozen weights stored in
-    ``half``, computed in fp32: kernels/weight_only.py) where it does not. Training, the held-out evaluation during it,
+    natively and faster than fp32; else "fp32" where the model fits in fp32 with room to spare, and "weights" (frozen
+    weights stored in ``half``, computed in fp32: kernels/weight_only.py) where it does not. Training, the held-out evaluation during it,
     eval, generate, demo and export all decide by it."""
     fast, why = cpu_half_fast(half)
     if fast:

@@ -61,7 +61,8 @@ class TrainConfig:
     precision: PrecisionName = field(
         "auto", help=f"compute and frozen-weight precision ({WEIGHT_ONLY}: frozen weights stored in bf16, computed in "
                      "fp32); auto: bf16 on a GPU that has it and on a CPU that computes it natively and faster than "
-                     f"fp32 (AVX512-BF16/AMX, timed); on other CPUs fp32 where the model fits in half the free memory, else {WEIGHT_ONLY}")
+                     f"fp32 (AVX512-BF16/AMX, timed); on other CPUs fp32 where the model fits in half the free "
+                     f"memory, else {WEIGHT_ONLY}")
     max_length: int = field(DEFAULT_MAX_LENGTH, help="most tokens per sample; longer samples are cut in their "
                                                      "text, never in image tokens, or skipped")
     group_by_length: bool = field(True, help="batch samples of similar length together (less padding)")
