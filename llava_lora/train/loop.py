@@ -51,8 +51,8 @@ from .heldout import share as heldout_share
 from .optim import make_optimizer, make_scheduler, reschedule
 from .runlog import RunLog, Throughput, plot_loss, write_data_report
 from .distributed import describe, make_accelerator, optimizer_state, restore_optimizer, sharded, trained_state
-from .runtime import (check_compile, check_quantize, fused_summary, resolve_attn_implementation, resolve_fused_kernels,
-                      resolve_fused_loss)
+from .runtime import (check_compile, check_quantize, fused_summary, keep_cpu_heap, resolve_attn_implementation,
+                      resolve_fused_kernels, resolve_fused_loss)
 from .sampler import DropFailed, ResumableBatchSampler, estimated_lengths
 from .watch import NOTHING_LEARNED_AFTER, FiniteWatch, SupervisionWatch
 from .workers import WatchedDataset, died_on, is_worker_death, stop_for_dead_worker
@@ -166,6 +166,8 @@ class TrainingRun:
         cfg = self.cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        if self.device == "cpu":
+            keep_cpu_heap()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         model, self.processor = load_for_training(cfg, self.device, self.precision, self.attn_implementation,

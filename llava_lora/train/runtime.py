@@ -5,12 +5,15 @@ start, and refused there (before RUN_DIR is touched or a model loaded) where it 
     --fused-loss            resolve_fused_loss            Liger's fused linear cross-entropy (CUDA)
     --fused-kernels         resolve_fused_kernels         RMSNorm + SwiGLU fused by torch.compile (CPU, C++ compiler)
     --compile, --quantize   check_compile, check_quantize torch.compile's C++ compiler; bitsandbytes on CUDA
+    (always, on a CPU)      keep_cpu_heap                 glibc keeps freed activation memory instead of re-mapping it
 
 The run's precision is ``model.precision.train_precision``'s.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 
 from ..errors import UsageError
@@ -101,3 +104,27 @@ def resolve_fused_kernels(choice: str, device: str, compile_all: bool = False) -
 def fused_summary(fused: dict[str, int]) -> str:
     """'RMSNorm x17, SwiGLU x8', or 'off'."""
     return ", ".join(f"{kind} x{n}" for kind, n in fused.items() if n) or "off"
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_THRESHOLD = 64 << 20  # blocks under this come from the heap and are reused
+HEAP_TRIM_THRESHOLD = 256 << 20  # free memory at the heap's top kept up to this, not handed back
+
+
+def keep_cpu_heap() -> bool:
+    """Let glibc's malloc reuse freed activation blocks rather than hand them back and map them again next step.
+
+    Why: by default a freed block over the (adaptive, at most 32 MB) mmap threshold is unmapped, and free memory at
+    the heap's top over the trim threshold is returned, so every step faults the same activation memory in again:
+    ~7,700 minor page faults a step in the quickstart on an AVX2 EPYC, 41 s of system time in a 309 s run, and
+    ~10% of a step. With blocks up to 64 MB reused and 256 MB of the heap kept, a step faults a few pages. Costs
+    at most the kept 256 MB of RSS; blocks over 64 MB (a real model's weights) are mapped as before. Returns whether
+    it applied (glibc only; elsewhere nothing changes)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
