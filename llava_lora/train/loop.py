@@ -35,6 +35,7 @@ from ..data.images import locate_records
 from ..data.records import duplicate_ids, load_records, resolve_data
 from ..data.sources import is_mixture, load_mixture, parse_sources
 from ..errors import RunFailed, UsageError
+from ..kernels import lora as fused_lora
 from ..kernels import weight_only
 from ..kernels.fused import fuse
 from ..model.adapters import apply_lora, init_from, lora_inputs_in_compute_dtype, save_adapter, wrapped_modules
@@ -178,6 +179,8 @@ class TrainingRun:
             weight_only.apply(self.peft_model)
         elif self.precision != "fp32":
             lora_inputs_in_compute_dtype(self.peft_model)
+        # LoRA computes in fp32 beside fp32 activations there: its update added by one addmm
+        self.fused_lora = fused_lora.apply(self.peft_model) if self.precision in ("fp32", WEIGHT_ONLY) else 0
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.run_meta = {"lora_r": cfg.lora_r,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
@@ -267,7 +270,8 @@ class TrainingRun:
               f"fused loss {'on' if self.fused_loss else 'off'}, fused kernels {fused_summary(self.fused)}, "
               f"compile {'on' if cfg.compile else 'off'}, quantize "
               f"{cfg.quantize}; "
-              + (f"LoRA r={cfg.lora_r} on {len(wrapped_modules(self.peft_model))} modules; " if cfg.lora_r else
+              + (f"LoRA r={cfg.lora_r} on {len(wrapped_modules(self.peft_model))} modules"
+                 f"{' (each update one addmm)' if self.fused_lora else ''}; " if cfg.lora_r else
                  "no LoRA (the projector alone); ")
               + (f"resuming from {self.resume_from.name}" if self.resume_from else "starting fresh"))
         print(f"{self.max_steps} steps of {cfg.batch_size * self.world * accum} samples: "
