@@ -252,6 +252,7 @@ def test_train_with_onednn_off_computes_in_fp32_and_learns(world: Models, tmp_pa
         assert cli.main(args) == 0
     line = next(l for l in printed.getvalue().splitlines() if l.startswith("precision "))
     assert line.startswith("precision fp32 on cpu (auto: oneDNN is off") and "computed in float32" in line
+    assert "LoRA r=4 on 4 modules (each update one addmm)" in printed.getvalue()  # kernels/lora.py in fp32
     import json
 
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
