@@ -56,7 +56,7 @@ from .runtime import (check_compile, check_quantize, fused_summary, keep_cpu_hea
                       resolve_fused_kernels, resolve_fused_loss)
 from .sampler import DropFailed, ResumableBatchSampler, estimated_lengths
 from .watch import NOTHING_LEARNED_AFTER, FiniteWatch, SupervisionWatch
-from .workers import WatchedDataset, died_on, is_worker_death, stop_for_dead_worker
+from .workers import WatchedDataset, died_on, stop_for_dead_worker, worker_death
 
 
 def _model_inputs(mb: dict, device) -> dict:
@@ -366,8 +366,8 @@ class TrainingRun:
                                                     step, bar)
                 if save_now:
                     self.save_checkpoint(step, heldout_loss)
-        except RuntimeError as e:  # torch raises a dead data worker wherever the main process is
-            raise (stop_for_dead_worker(self, e) if is_worker_death(e) else e) from None
+        except (RuntimeError, ConnectionError, EOFError) as e:  # a dead data worker, wherever the main process is
+            raise (stop_for_dead_worker(self, death) if (death := worker_death(e)) else e) from None
         except RunFailed:
             if self.is_main:
                 write_data_report(self.run_dir, self.n_records, self.parse_errors)

@@ -2,13 +2,15 @@
 naming them, with the data report written, and a resumed run skips them (the failed set is in the checkpoint).
 
     dataset = WatchedDataset(TrainDataset(...), num_workers)   # each worker notes the record it is loading
-    except RuntimeError as e: if is_worker_death(e): raise stop_for_dead_worker(run, e)
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        if death := worker_death(e): raise stop_for_dead_worker(run, death)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +59,32 @@ def died_on(run_dir: Path) -> set[int]:
 def is_worker_death(error: BaseException) -> bool:
     """Whether ``error`` is torch's DataLoader saying one of its worker processes died."""
     return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+
+
+# How long a broken connection waits for torch to see the worker behind it dead (it exits as its socket closes).
+DEATH_WAIT_S = 2.0
+
+
+def worker_death(error: BaseException) -> RuntimeError | None:
+    """torch's "DataLoader worker (pid N) is killed" error behind ``error``, or None.
+
+    Why: a worker killed while handing a batch over (its tensors go by file descriptor over a socket) breaks that
+    connection first, so the main process gets a ConnectionResetError or EOFError, not torch's error; torch's own
+    check (SIGCHLD's handler, which may run at any later point) names the worker a moment after."""
+    if is_worker_death(error):
+        return error
+    if not isinstance(error, (ConnectionError, EOFError)):
+        return None
+    from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+    deadline = time.monotonic() + DEATH_WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            _error_if_any_worker_fails()  # raises torch's error once the worker is seen dead
+            time.sleep(0.02)
+    except RuntimeError as death:  # from the check, or from SIGCHLD's handler running it meanwhile
+        return death if is_worker_death(death) else None
+    return None
 
 
 def stop_for_dead_worker(run, error: BaseException) -> RunFailed:

@@ -19,7 +19,7 @@ from fixtures.data import write_good_dataset
 from fixtures.models import FAST, Models
 from llava_lora import cli
 from llava_lora.chat import batches
-from llava_lora.train import checkpoints
+from llava_lora.train import checkpoints, workers
 
 pytestmark = pytest.mark.slow  # trains a tiny model with a worker process
 
@@ -54,3 +54,29 @@ def test_a_dead_worker_names_its_record_and_resume_skips_it(world: Models, tmp_p
     assert (run / "adapter_model.safetensors").is_file()
     state = torch.load(checkpoints.checkpoints(run)[-1][1] / checkpoints.STATE_FILE, weights_only=True)
     assert records.index(next(r for r in records if r["id"] == "poison")) in state["failed"]
+
+
+def test_a_connection_broken_by_a_dying_worker_is_its_death(monkeypatch):
+    """Killed while handing a batch over, a worker breaks its socket before torch names it dead: the broken
+    connection waits for torch's own error (which names the pid); any other error is not a death."""
+    from torch.utils.data._utils import signal_handling
+
+    checks = []
+
+    def torch_check():
+        checks.append(1)
+        if len(checks) == 3:  # torch sees the worker dead a moment after its socket closed
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+
+    monkeypatch.setattr(signal_handling, "_error_if_any_worker_fails", torch_check)
+    death = workers.worker_death(ConnectionResetError(104, "Connection reset by peer"))
+    assert isinstance(death, RuntimeError) and "pid 4242" in str(death) and len(checks) == 3
+
+    own = RuntimeError("DataLoader worker (pid 7) exited unexpectedly")
+    assert workers.worker_death(own) is own
+    assert workers.worker_death(ValueError("a bad record")) is None
+    assert workers.worker_death(RuntimeError("shape mismatch")) is None
+
+    monkeypatch.setattr(signal_handling, "_error_if_any_worker_fails", lambda: None)  # every worker alive
+    monkeypatch.setattr(workers, "DEATH_WAIT_S", 0.1)
+    assert workers.worker_death(EOFError()) is None
