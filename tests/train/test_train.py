@@ -253,12 +253,11 @@ def test_bf16_loss_within_one_percent_of_fp32(world: Models, data: Path):
     assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 0.01 * losses[torch.float32], losses
 
 
-def test_lora_inputs_in_compute_dtype_change_no_number(world: Models, data: Path):
-    """Under bf16 autocast, LoRA taking its input in bf16 (no cast to the fp32 masters' dtype and back) gives the
-    same loss and the same gradients, bit for bit."""
+def _lora_model_and_batch(world: Models, data: Path, dtype: torch.dtype):
+    """The tiny LLaVA in ``dtype`` with LoRA on q/v (fp32 masters, B non-zero: at init it is zero, which would hide a
+    wrong update), and a batch of 4 records."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llava_lora.model.adapters import lora_inputs_in_compute_dtype
     from llava_lora.chat.batches import Collator, TrainDataset
     from llava_lora.data.records import resolve_data
 
@@ -266,61 +265,46 @@ def test_lora_inputs_in_compute_dtype_change_no_number(world: Models, data: Path
     data_file, root = resolve_data(str(data), None, None)
     records, _ = load_records(data_file)
     torch.manual_seed(0)
-    peft_model = apply_lora(LlavaForConditionalGeneration.from_pretrained(world.qwen_model, dtype=torch.bfloat16),
+    peft_model = apply_lora(LlavaForConditionalGeneration.from_pretrained(world.qwen_model, dtype=dtype),
                             4, 8, 0.0, ["q_proj", "v_proj"])
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.data = p.data.float().normal_(0, 0.1) if "lora_B" in n else p.data.float()
     ds = TrainDataset(records, root, processor, peft_model.config.image_token_id, IMAGE_TOKENS, 2048)
-    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
+    return peft_model, Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
 
-    def loss_and_grads():
-        peft_model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss_sum, count = LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                                    batch["pixel_values"])
-        (loss_sum / count).backward()
-        return loss_sum.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
 
-    want_loss, want_grads = loss_and_grads()
+def _loss_and_grads(peft_model, batch, autocast: bool):
+    peft_model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss_sum, count = LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                batch["pixel_values"])
+    (loss_sum / count).backward()
+    return loss_sum.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+
+
+def test_lora_inputs_in_compute_dtype_change_no_number(world: Models, data: Path):
+    """Under bf16 autocast, LoRA taking its input in bf16 (no cast to the fp32 masters' dtype and back) gives the
+    same loss and the same gradients, bit for bit."""
+    from llava_lora.model.adapters import lora_inputs_in_compute_dtype
+
+    peft_model, batch = _lora_model_and_batch(world, data, torch.bfloat16)
+    want_loss, want_grads = _loss_and_grads(peft_model, batch, autocast=True)
     assert lora_inputs_in_compute_dtype(peft_model) == 2 * peft_model.config.text_config.num_hidden_layers
-    got_loss, got_grads = loss_and_grads()
+    got_loss, got_grads = _loss_and_grads(peft_model, batch, autocast=True)
     assert torch.equal(got_loss, want_loss)
     assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
 
 
 def test_fused_lora_matches_peft_on_the_model(world: Models, data: Path):
     """In float32 (where train fuses LoRA), the model's loss and every trained gradient are peft's to rounding."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from llava_lora.chat.batches import Collator, TrainDataset
-    from llava_lora.data.records import resolve_data
     from llava_lora.kernels import lora
 
-    processor = AutoProcessor.from_pretrained(world.qwen_model)
-    data_file, root = resolve_data(str(data), None, None)
-    records, _ = load_records(data_file)
-    torch.manual_seed(0)
-    peft_model = apply_lora(LlavaForConditionalGeneration.from_pretrained(world.qwen_model, dtype=torch.float32),
-                            4, 8, 0.0, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)  # B starts at zero, which would hide a wrong update
-    ds = TrainDataset(records, root, processor, peft_model.config.image_token_id, IMAGE_TOKENS, 2048)
-    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
-
-    def loss_and_grads():
-        peft_model.zero_grad()
-        loss_sum, count = LlavaLoss(peft_model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                                batch["pixel_values"])
-        (loss_sum / count).backward()
-        return loss_sum.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
-
-    want_loss, want_grads = loss_and_grads()
+    peft_model, batch = _lora_model_and_batch(world, data, torch.float32)
+    want_loss, want_grads = _loss_and_grads(peft_model, batch, autocast=False)
     assert lora.apply(peft_model) == 2 * peft_model.config.text_config.num_hidden_layers
-    got_loss, got_grads = loss_and_grads()
+    got_loss, got_grads = _loss_and_grads(peft_model, batch, autocast=False)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
     for got, want in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
