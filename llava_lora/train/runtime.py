@@ -5,7 +5,7 @@ start, and refused there (before RUN_DIR is touched or a model loaded) where it 
     --fused-loss            resolve_fused_loss            Liger's fused linear cross-entropy (CUDA)
     --fused-kernels         resolve_fused_kernels         RMSNorm + SwiGLU fused by torch.compile (CPU, C++ compiler)
     --compile, --quantize   check_compile, check_quantize torch.compile's C++ compiler; bitsandbytes on CUDA
-    (always, on a CPU)      keep_cpu_heap                 glibc keeps freed activation memory instead of re-mapping it
+    (CPU, no bf16-weights)  keep_cpu_heap                 glibc keeps freed activation memory instead of re-mapping it
 
 The run's precision is ``model.precision.train_precision``'s.
 """
