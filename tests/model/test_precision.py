@@ -101,7 +101,8 @@ def test_avx512_bf16_slower_than_fp32_here_is_fp32(world: Models, monkeypatch):
 
 
 def test_matmul_probe_measures_both_dtypes():
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         pytest.skip("bf16 matmuls take the reference kernel here: auto never times them (the test above)")
     threads = torch.get_num_threads()
     fp32, bf16 = modeling.matmul_gflops.__wrapped__(torch.bfloat16)
