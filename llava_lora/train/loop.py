@@ -177,10 +177,11 @@ class TrainingRun:
         self.peft_model = wrap_for_training(model, cfg)
         if self.precision == WEIGHT_ONLY:
             weight_only.apply(self.peft_model)
-        elif self.precision != "fp32":
+        self.fused_lora = 0
+        if autocast_precision(self.precision) == "no":  # fp32 compute: LoRA's update added by one addmm
+            self.fused_lora = fused_lora.apply(self.peft_model)
+        else:
             lora_inputs_in_compute_dtype(self.peft_model)
-        # LoRA computes in fp32 beside fp32 activations there: its update added by one addmm
-        self.fused_lora = fused_lora.apply(self.peft_model) if self.precision in ("fp32", WEIGHT_ONLY) else 0
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.run_meta = {"lora_r": cfg.lora_r,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
