@@ -168,7 +168,7 @@ class TrainingRun:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if self.device == "cpu" and self.precision != WEIGHT_ONLY:  # bf16-weights: memory is what is short there
-            keep_cpu_heap()  # (kept, its heap took 12.08 -> 12.39 GB at the real size, batch 1; steps got no faster)
+            keep_cpu_heap()  # (with it there, real size at batch 1: RSS 12.08 -> 12.39 GB, steps no faster)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         model, self.processor = load_for_training(cfg, self.device, self.precision, self.attn_implementation,
