@@ -7,6 +7,7 @@ families keep their own; generation never runs them; train turns them on where t
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -23,10 +24,31 @@ from test_attention import _batch, _run
 EXPECTED = {"qwen2.5": (5, 2), "mistral": (5, 2), "phi3": (5, 0), "gemma2": (0, 0)}
 
 
+@pytest.fixture
+def traced_only(monkeypatch):
+    """The kernels traced as train traces them (dynamo, dynamic shapes, AOT autograd's forward and backward graphs)
+    but run by ``aot_eager``, not inductor: inductor's C++ compilation takes ~20 s on an empty cache (a fresh
+    machine), which the fast suite cannot afford; test_inductor_kernels_equal_the_modules runs it."""
+    def compiled():
+        return tuple(torch.compile(f, dynamic=True, backend="aot_eager") for f in (fused._rms_norm, fused._swiglu))
+
+    monkeypatch.setattr(fused, "_compiled", functools.cache(compiled))
+
+
 @pytest.mark.parametrize("family", EXPECTED)
-def test_fused_equals_the_modules_in_float32(family, tmp_path):
+def test_fused_equals_the_modules_in_float32(family, tmp_path, traced_only):
     """Phi-3's MLP (one gate_up projection) and Gemma 2's norm (1 + w) and MLP (GELU) are not Llama's: left
     alone, the model still computes the same."""
+    _assert_fused_equals_the_modules(family, tmp_path)
+
+
+@pytest.mark.slow  # inductor's C++ compilation: ~20 s on an empty cache, ~3 s on a warm one
+def test_inductor_kernels_equal_the_modules(tmp_path):
+    """The kernels as train runs them on a CPU: inductor's generated C++."""
+    _assert_fused_equals_the_modules("qwen2.5", tmp_path)
+
+
+def _assert_fused_equals_the_modules(family: str, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_family(family, tmp_path / family), dtype=torch.float32)
@@ -39,6 +61,7 @@ def test_fused_equals_the_modules_in_float32(family, tmp_path):
     counts = fused.fuse(model.model)
     assert (counts["RMSNorm"], counts["SwiGLU"]) == EXPECTED[family]
     got_logits, got_grad = _run(model, ids, mask)
+    assert not fused._failed  # the compiled kernels ran, not the eager fallback
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
 
