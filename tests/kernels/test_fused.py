@@ -27,7 +27,7 @@ EXPECTED = {"qwen2.5": (5, 2), "mistral": (5, 2), "phi3": (5, 0), "gemma2": (0, 
 @pytest.fixture
 def traced_only(monkeypatch):
     """The kernels traced as train traces them (dynamo, dynamic shapes, AOT autograd's forward and backward graphs)
-    but run by ``aot_eager``, not inductor: inductor's C++ compilation takes ~20 s on an empty cache (a fresh
+    but run by ``aot_eager``, not inductor: inductor's C++ compilation takes 20-30 s on an empty cache (a fresh
     machine), which the fast suite cannot afford; test_inductor_kernels_equal_the_modules runs it."""
     def compiled():
         return tuple(torch.compile(f, dynamic=True, backend="aot_eager") for f in (fused._rms_norm, fused._swiglu))
@@ -42,7 +42,7 @@ def test_fused_equals_the_modules_in_float32(family, tmp_path, traced_only):
     _assert_fused_equals_the_modules(family, tmp_path)
 
 
-@pytest.mark.slow  # inductor's C++ compilation: ~20 s on an empty cache, ~3 s on a warm one
+@pytest.mark.slow  # inductor's C++ compilation: 20-30 s on an empty cache, ~3 s on a warm one
 def test_inductor_kernels_equal_the_modules(tmp_path):
     """The kernels as train runs them on a CPU: inductor's generated C++."""
     _assert_fused_equals_the_modules("qwen2.5", tmp_path)
